@@ -1,0 +1,174 @@
+"""Budgets: parse ``3%`` / ``500k``, solve the knob that hits them, verify by instantiation.
+
+The budget counts a method's trainable parameters during training, relative to the
+backbone's parameters without the task head (the head is shared by every method and
+reported in its own column).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+from .errors import BudgetError, VerificationError
+
+_SUFFIX = {"": 1, "k": 1_000, "m": 1_000_000, "b": 1_000_000_000}
+_BUDGET = re.compile(r"^\s*(?P<num>\d+(?:\.\d+)?|\.\d+)\s*(?P<unit>%|[kKmMbB])?\s*$")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A fraction of the backbone's parameters, or an absolute count."""
+
+    text: str
+    fraction: float | None = None
+    count: int | None = None
+
+    def target(self, base_params: int) -> int:
+        if self.count is not None:
+            return self.count
+        return int(round(self.fraction * base_params))
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def parse_budget(text: str | int | float | Budget) -> Budget:
+    """``3%``, ``0.5%``, ``500k``, ``2M``, ``123456``. A bare ``3`` is ambiguous and refused."""
+    if isinstance(text, Budget):
+        return text
+    raw = str(text)
+    allowed = "allowed: a percentage in (0%, 100%] such as 3% or 0.5%, or a count such as 500k, 2M, 123456"
+    m = _BUDGET.match(raw)
+    if not m:
+        raise BudgetError(f"budget {raw!r} is malformed; {allowed}")
+    num, unit = float(m["num"]), (m["unit"] or "")
+    if unit == "%":
+        if not 0 < num <= 100:
+            raise BudgetError(f"budget {raw!r} is out of range; {allowed}")
+        return Budget(raw.strip(), fraction=num / 100)
+    count = num * _SUFFIX[unit.lower()]
+    if count != int(count) or count < 1:
+        raise BudgetError(f"budget {raw!r} is not a whole number of parameters; {allowed}")
+    if unit == "" and count < 100:
+        raise BudgetError(
+            f"budget {raw!r} is ambiguous: write {raw}% for a fraction or a count of parameters (>= 100); {allowed}"
+        )
+    return Budget(raw.strip(), count=int(count))
+
+
+@dataclass
+class Solution:
+    """What the solver found for one method on one backbone."""
+
+    method: str
+    knob: str | None
+    value: int | None
+    params: int  # trainable during training, head excluded
+    stored: int
+    target: int | None
+    base_params: int
+    reachable: bool
+    low: int | None = None  # feasible params range
+    high: int | None = None
+    knob_low: int | None = None
+    knob_high: int | None = None
+    verified: bool | None = None
+    measured: int | None = None
+    note: str = ""
+
+    @property
+    def achieved(self) -> float:
+        return self.params / self.base_params
+
+    @property
+    def rel_error(self) -> float | None:
+        if not self.target:
+            return None
+        return (self.params - self.target) / self.target
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["achieved_pct"] = 100 * self.achieved
+        d["rel_error"] = self.rel_error
+        return d
+
+
+def solve(method, cfg, spec, budget: Budget | str | None) -> Solution:
+    """The knob whose param_count is closest to the budget's target (binary search).
+
+    ``param_count`` must be non-decreasing in the knob. An unreachable budget gives a
+    ``Solution`` with ``reachable=False`` and the feasible range; callers decide whether
+    that is an error (``solve_or_raise``).
+    """
+    cfg = method.config(cfg)
+    if not method.budgeted or method.knob is None or budget is None:
+        params = method.param_count(cfg, spec)
+        return Solution(method.name, method.knob, method.knob_value(cfg), params, method.stored_count(cfg, spec),
+                        None, spec.base_params, reachable=True, note="budget does not apply")
+    budget = parse_budget(budget)
+    target = budget.target(spec.base_params)
+    lo, hi = method.knob_range(cfg, spec)
+    if lo > hi:
+        raise BudgetError(f"method {method.name!r} has no valid {method.knob} on {spec.name}")
+
+    def count(k: int) -> int:
+        return method.param_count(method.with_knob(cfg, k), spec)
+
+    c_lo, c_hi = count(lo), count(hi)
+    # binary search: the smallest k with count(k) >= target
+    a, b = lo, hi
+    while a < b:
+        mid = (a + b) // 2
+        if count(mid) >= target:
+            b = mid
+        else:
+            a = mid + 1
+    best = a
+    if a > lo and abs(count(a - 1) - target) <= abs(count(a) - target):
+        best = a - 1
+    params = count(best)
+    # reachable when the target lies within half a knob step of the feasible range
+    step_lo = (count(lo + 1) - c_lo) if hi > lo else c_lo
+    step_hi = (c_hi - count(hi - 1)) if hi > lo else c_hi
+    reachable = c_lo - step_lo / 2 <= target <= c_hi + step_hi / 2
+    best_cfg = method.with_knob(cfg, best)
+    note = "" if reachable else (
+        f"not reachable: {method.name} spans {c_lo:,}..{c_hi:,} params "
+        f"({100 * c_lo / spec.base_params:.4g}%..{100 * c_hi / spec.base_params:.4g}%) "
+        f"with {method.knob} in {lo}..{hi}; nearest feasible: {method.knob}={best} ({params:,} params)"
+    )
+    return Solution(method.name, method.knob, best, params, method.stored_count(best_cfg, spec), target,
+                    spec.base_params, reachable, c_lo, c_hi, lo, hi, note=note)
+
+
+def solve_or_raise(method, cfg, spec, budget) -> Solution:
+    sol = solve(method, cfg, spec, budget)
+    if not sol.reachable:
+        raise BudgetError(f"budget {budget} ({sol.target:,} params) on {spec.name}: {sol.note}")
+    return sol
+
+
+def verify(method, cfg, backbone, injection=None) -> int:
+    """Check ``param_count`` against the parameters that require grad after ``inject``.
+
+    Returns the measured count; raises VerificationError naming the method on mismatch.
+    """
+    cfg = method.config(cfg)
+    expected = method.param_count(cfg, backbone.spec)
+    own = injection is None
+    if own:
+        backbone.freeze()
+        injection = method.inject(backbone, cfg)
+    try:
+        measured = backbone.count_trainable()
+    finally:
+        if own:
+            injection.remove()
+    if measured != expected:
+        raise VerificationError(
+            f"method {method.name!r} ({method.knob}={method.knob_value(cfg)}): param_count says {expected:,} "
+            f"but inject made {measured:,} trainable parameters on {backbone.spec.name} "
+            f"(difference {measured - expected:+,})"
+        )
+    return measured

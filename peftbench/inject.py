@@ -1,0 +1,205 @@
+"""Injection: what a method added to a backbone, and how to take it off, save it, load it.
+
+The core offers exactly three insertion mechanisms, each undoable:
+- ``replace(parent, attr, new)``: module replacement; the new module keeps the old one as
+  ``base_layer`` (LoRA family, 4-bit);
+- ``add_hook(module, fn)``: a forward hook on a site (bottleneck adapters, input prompts);
+- ``kv_prefix(provider)``: per-layer key/value prefixes through the attention-function
+  registry (prefix tuning, P-tuning v2); see ``peftbench.kv_prefix``.
+``attach`` hangs a method's own module (its parameters) under a model module so that
+``model.parameters()``, ``.to(device)`` and the Trainer see it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .backbone import Backbone
+    from .method import Method, MethodConfig
+
+WEIGHTS_FILE = "adapter_model.safetensors"
+CONFIG_FILE = "adapter_config.json"
+ATTACH_PREFIX = "peftbench_"
+
+
+class Injection:
+    """The record of one method injected into one backbone."""
+
+    def __init__(self, backbone: "Backbone", method: "Method", cfg: "MethodConfig"):
+        self.backbone = backbone
+        self.method = method
+        self.config = cfg
+        self._undo: list[Callable[[], None]] = []
+        self._owned: dict[str, nn.Module] = {}  # name -> module whose state is the method's
+        self._base_trainable: dict[str, nn.Parameter] = {}  # base params the method trains
+        self.finalized = False
+        self.removed = False
+
+    # -- mechanisms ----------------------------------------------------------------------
+    def attach(self, parent: nn.Module, name: str, module: nn.Module) -> nn.Module:
+        """Hang ``module`` under ``parent`` as ``peftbench_<name>``; its state is saved."""
+        attr = ATTACH_PREFIX + name
+        if hasattr(parent, attr):
+            raise ConfigError(f"method {self.method.name!r}: {type(parent).__name__} already carries {attr!r}")
+        parent.add_module(attr, module)
+        key = self._key(parent, attr)
+        self._owned[key] = module
+        self._undo.append(lambda: (delattr(parent, attr), self._owned.pop(key, None)))
+        return module
+
+    def replace(self, parent: nn.Module, attr: str, new: nn.Module, owned: dict[str, nn.Module] | None = None) -> nn.Module:
+        """Put ``new`` where ``parent.<attr>`` was; ``owned`` names new's trainable parts."""
+        old = getattr(parent, attr)
+        setattr(parent, attr, new)
+        keys = []
+        for sub, module in (owned or {}).items():
+            key = self._key(parent, f"{attr}.{sub}")
+            self._owned[key] = module
+            keys.append(key)
+
+        def undo():
+            setattr(parent, attr, old)
+            for key in keys:
+                self._owned.pop(key, None)
+
+        self._undo.append(undo)
+        return new
+
+    def add_hook(self, module: nn.Module, hook: Callable, *, pre: bool = False, with_kwargs: bool = False) -> None:
+        """A forward (or forward-pre) hook on ``module``; removed by ``remove()``."""
+        if pre:
+            handle = module.register_forward_pre_hook(hook, with_kwargs=with_kwargs)
+        else:
+            handle = module.register_forward_hook(hook, with_kwargs=with_kwargs)
+        self._undo.append(handle.remove)
+
+    def train_base(self, params: dict[str, nn.Parameter]) -> None:
+        """Make some base parameters trainable (Houlsby's LayerNorms, top-k layers)."""
+        for name, param in params.items():
+            before = param.requires_grad
+            param.requires_grad_(True)
+            self._base_trainable[name] = param
+            self._undo.append(lambda p=param, b=before, n=name: (p.requires_grad_(b), self._base_trainable.pop(n, None)))
+
+    def kv_prefix(self, provider, layers: list[int] | None = None) -> None:
+        """Feed ``provider(layer, batch) -> (key, value)``, each (batch, kv_heads, n, head_dim)."""
+        from .kv_prefix import attach_kv_prefix
+
+        self._undo.append(attach_kv_prefix(self.backbone, provider, layers))
+
+    def on_remove(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` when the injection is removed (after later undos, before earlier ones)."""
+        self._undo.append(fn)
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def merge(self) -> None:
+        """Fold the method into the base weights for inference, where it can (LoRA)."""
+
+    def unmerge(self) -> None:
+        """Undo ``merge``."""
+
+    def finalize(self) -> None:
+        """Turn training-time structure into what is stored (prefix tuning drops its MLP)."""
+        self.finalized = True
+
+    def remove(self) -> None:
+        """Restore the backbone exactly as it was before ``inject``."""
+        if self.removed:
+            return
+        self.unmerge()
+        while self._undo:
+            self._undo.pop()()
+        self.removed = True
+
+    # -- state ---------------------------------------------------------------------------
+    def _key(self, parent: nn.Module, attr: str) -> str:
+        for name, module in self.backbone.model.named_modules():
+            if module is parent:
+                return f"{name}.{attr}" if name else attr
+        raise ConfigError(f"method {self.method.name!r}: module {type(parent).__name__} is not in the model")
+
+    def named_parameters(self) -> dict[str, nn.Parameter]:
+        """The method's parameters (owned modules and trained base parameters), head excluded."""
+        out: dict[str, nn.Parameter] = {}
+        for key, module in self._owned.items():
+            for name, p in module.named_parameters():
+                out[f"{key}.{name}"] = p
+        out.update(self._base_trainable)
+        return out
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """What is saved: owned modules' parameters and buffers, trained base parameters."""
+        out: dict[str, torch.Tensor] = {}
+        for key, module in self._owned.items():
+            for name, t in module.state_dict().items():
+                out[f"{key}.{name}"] = t
+        for name, p in self._base_trainable.items():
+            out[name] = p.data
+        return out
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        own = self.state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(k for k in set(state) - set(own) if not k.startswith("head."))
+        if missing or unexpected:
+            raise ConfigError(
+                f"method {self.method.name!r}: saved weights do not match the injection "
+                f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
+            )
+        with torch.no_grad():
+            for key, tensor in own.items():
+                tensor.copy_(state[key].to(tensor.device, tensor.dtype))
+
+    def save(self, directory: str | Path, include_head: bool = True) -> Path:
+        """Write ``adapter_model.safetensors`` (method weights, plus ``head.*``) and the JSON config."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        if include_head:
+            for name, p in self.backbone.head_parameters().items():
+                tensors[f"head.{name}"] = p.detach().cpu().contiguous()
+        save_file(tensors, str(directory / WEIGHTS_FILE))
+        meta = {
+            "method": self.method.name,
+            "config": self.config.model_dump(mode="json"),
+            "finalized": self.finalized,
+            "backbone": self.backbone.spec.name,
+            "model_type": self.backbone.spec.model_type,
+        }
+        (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        return directory
+
+    def __repr__(self) -> str:
+        n = sum(p.numel() for p in self.named_parameters().values())
+        return f"<Injection {self.method.name} params={n}>"
+
+
+def load_injection(backbone: "Backbone", directory: str | Path, registry=None) -> Injection:
+    """Inject the saved method onto ``backbone`` and load its weights (and head)."""
+    from .plugins import get_registry
+
+    directory = Path(directory)
+    meta_path = directory / CONFIG_FILE
+    if not meta_path.exists():
+        raise ConfigError(f"{directory} holds no {CONFIG_FILE}: not a saved peftbench injection")
+    meta = json.loads(meta_path.read_text())
+    method = (registry or get_registry()).method(meta["method"])
+    cfg = method.config(meta["config"])
+    injection = method.inject(backbone, cfg)
+    if meta.get("finalized"):
+        injection.finalize()
+    state = load_file(str(directory / WEIGHTS_FILE))
+    injection.load_state_dict(state)
+    head = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
+    if head:
+        backbone.load_head(head)
+    return injection

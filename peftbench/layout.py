@@ -1,0 +1,128 @@
+"""ArchLayout: where a model family keeps its insertion sites, as dotted paths.
+
+Paths are relative to the HF *base model* (``model.base_model``: ``BertModel``,
+``GPT2Model``, ``LlamaModel``) for ``layers`` and ``embeddings``, and relative to one block
+for per-layer ``sites``. A fused projection (GPT-2's ``c_attn``) names its output slices.
+Standard site names: q, k, v, attn_out, ffn_in, ffn_gate, ffn_out, attn_norm, ffn_norm,
+and ``attention`` (the module that calls the attention function: the key/value prefix site).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from torch import nn
+
+from .errors import LayoutError
+
+SITE_NAMES = ("q", "k", "v", "attn_out", "ffn_in", "ffn_gate", "ffn_out", "attn_norm", "ffn_norm", "attention")
+LINEAR_SITES = ("q", "k", "v", "attn_out", "ffn_in", "ffn_gate", "ffn_out")
+
+
+@dataclass(frozen=True)
+class ArchLayout:
+    model_type: str
+    layers: str
+    sites: Mapping[str, str]
+    embeddings: str
+    #: fused projection path -> the site names of its equal output slices, in order
+    fused: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    #: config attribute names, when they differ from the usual ones
+    config_names: Mapping[str, str] = field(default_factory=dict)
+    #: True when LayerNorm comes before each sub-layer (GPT-2, LLaMA)
+    pre_norm: bool = False
+    #: True for decoder-only families (causal self-attention)
+    causal: bool = False
+
+    def site_names(self) -> list[str]:
+        names = list(self.sites)
+        for parts in self.fused.values():
+            names.extend(parts)
+        return names
+
+    def fused_path(self, name: str) -> tuple[str, int, int] | None:
+        """(path, index, count) when ``name`` is a slice of a fused projection."""
+        for path, parts in self.fused.items():
+            if name in parts:
+                return path, parts.index(name), len(parts)
+        return None
+
+
+@dataclass
+class Site:
+    """A resolved site of one layer: the module, and for fused projections the output slice."""
+
+    layer: int
+    name: str
+    path: str  # dotted, relative to the full model
+    module: nn.Module = field(repr=False)
+    parent: nn.Module = field(repr=False)
+    attr: str
+    out_slice: tuple[int, int] | None = None
+
+    @property
+    def in_features(self) -> int:
+        return linear_shape(self.module)[0]
+
+    @property
+    def out_features(self) -> int:
+        if self.out_slice is not None:
+            return self.out_slice[1] - self.out_slice[0]
+        return linear_shape(self.module)[1]
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2): a linear layer whose weight is stored (in, out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a Linear, a Conv1D, or a wrapper with ``base_layer``."""
+    base = getattr(module, "base_layer", None)
+    if base is not None:
+        return linear_shape(base)
+    if isinstance(module, nn.Linear) or (hasattr(module, "in_features") and hasattr(module, "out_features")):
+        return int(module.in_features), int(module.out_features)
+    if is_conv1d(module):
+        return int(module.weight.shape[0]), int(module.nf)
+    raise LayoutError(f"{type(module).__name__} is not a linear layer")
+
+
+def get_path(root: nn.Module, path: str, what: str) -> nn.Module:
+    module = root
+    for part in path.split("."):
+        if not part:
+            continue
+        if not hasattr(module, part):
+            raise LayoutError(
+                f"layout path {path!r} ({what}) matches nothing in {type(root).__name__}: "
+                f"{type(module).__name__} has no {part!r}; children: {', '.join(n for n, _ in module.named_children())}"
+            )
+        module = getattr(module, part)
+    return module
+
+
+def split_parent(root: nn.Module, path: str, what: str) -> tuple[nn.Module, str]:
+    parent_path, _, attr = path.rpartition(".")
+    parent = get_path(root, parent_path, what) if parent_path else root
+    if not hasattr(parent, attr):
+        raise LayoutError(f"layout path {path!r} ({what}) matches nothing in {type(root).__name__}")
+    return parent, attr
+
+
+def resolve_site(layout: ArchLayout, block: nn.Module, layer: int, name: str, block_path: str) -> Site:
+    if name in layout.sites:
+        path = layout.sites[name]
+        parent, attr = split_parent(block, path, f"site {name!r} of {layout.model_type}")
+        return Site(layer, name, f"{block_path}.{path}", getattr(parent, attr), parent, attr)
+    fused = layout.fused_path(name)
+    if fused is not None:
+        path, index, count = fused
+        parent, attr = split_parent(block, path, f"fused site {name!r} of {layout.model_type}")
+        module = getattr(parent, attr)
+        width = linear_shape(module)[1] // count
+        return Site(layer, name, f"{block_path}.{path}", module, parent, attr, (index * width, (index + 1) * width))
+    raise LayoutError(
+        f"architecture {layout.model_type!r} has no site {name!r}; it has: {', '.join(layout.site_names())}"
+    )

@@ -1,0 +1,110 @@
+"""The Method contract every PEFT method (built-in or third-party) implements.
+
+A method has a name, a pydantic ``Config`` (extra fields forbidden), one integer ``knob``
+the budget solver turns, a closed-form ``param_count(cfg, spec)`` (pure arithmetic, no
+torch) and ``inject(backbone, cfg)`` which returns a removable, savable ``Injection``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .backbone import Backbone, BackboneSpec
+    from .inject import Injection
+
+
+class MethodConfig(BaseModel):
+    """Base for method configs: unknown fields are errors, values are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def format_validation_error(prefix: str, exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        path = ".".join(str(p) for p in err["loc"]) or "(config)"
+        got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+        parts.append(f"{prefix}field {path!r}: {err['msg']}{got}")
+    return "; ".join(parts)
+
+
+class Method:
+    """Subclass this, set the class attributes, implement ``param_count`` and ``inject``."""
+
+    name: ClassVar[str] = ""
+    #: field of ``Config`` that the budget solver sets (an int), or None when not budgeted
+    knob: ClassVar[str | None] = None
+    #: one line for ``peftbench methods``: what the method inserts and where
+    inserts: ClassVar[str] = ""
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    aliases: ClassVar[tuple[str, ...]] = ()
+    #: default learning rate for the runner (PEFT methods want more than full fine-tuning)
+    default_lr: ClassVar[float] = 1e-3
+    #: a method the budget does not apply to (``full``, ``head``) says so here
+    budgeted: ClassVar[bool] = True
+
+    # -- configs ---------------------------------------------------------------------------
+    def config(self, values: dict[str, Any] | MethodConfig | None = None, **overrides) -> MethodConfig:
+        """Validated config; errors name the method and the field."""
+        if isinstance(values, MethodConfig):
+            values = values.model_dump()
+        data = {**(values or {}), **overrides}
+        try:
+            return self.Config(**data)
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(f"method {self.name!r}: ", exc)) from None
+
+    def with_knob(self, cfg: MethodConfig, value: int) -> MethodConfig:
+        if self.knob is None:
+            raise ConfigError(f"method {self.name!r} has no size knob")
+        return self.config(cfg, **{self.knob: int(value)})
+
+    def knob_value(self, cfg: MethodConfig) -> int | None:
+        return None if self.knob is None else getattr(cfg, self.knob)
+
+    # -- sizes -----------------------------------------------------------------------------
+    def knob_range(self, cfg: MethodConfig, spec: "BackboneSpec") -> tuple[int, int]:
+        """Smallest and largest allowed knob values on this backbone (inclusive)."""
+        raise NotImplementedError(f"method {self.name!r} defines no knob_range")
+
+    def param_count(self, cfg: MethodConfig, spec: "BackboneSpec") -> int:
+        """Trainable parameters ``inject`` creates or unfreezes (task head excluded)."""
+        raise NotImplementedError
+
+    def stored_count(self, cfg: MethodConfig, spec: "BackboneSpec") -> int:
+        """Parameters kept after training (prefix tuning drops its MLP). Default: param_count."""
+        return self.param_count(cfg, spec)
+
+    def check(self, cfg: MethodConfig, spec: "BackboneSpec") -> None:
+        """Raise ConfigError when ``cfg`` cannot be built on ``spec`` (knob out of range ...)."""
+        if self.knob is None:
+            return
+        lo, hi = self.knob_range(cfg, spec)
+        value = getattr(cfg, self.knob)
+        if not lo <= value <= hi:
+            raise ConfigError(
+                f"method {self.name!r}: field {self.knob!r} = {value} is out of range on "
+                f"{spec.name} (allowed {lo}..{hi})"
+            )
+
+    # -- building --------------------------------------------------------------------------
+    def inject(self, backbone: "Backbone", cfg: MethodConfig) -> "Injection":
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "knob": self.knob,
+            "inserts": self.inserts,
+            "aliases": list(self.aliases),
+            "budgeted": self.budgeted,
+            "default_lr": self.default_lr,
+        }
+
+    def __repr__(self) -> str:
+        return f"<Method {self.name}>"

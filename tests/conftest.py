@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny random backbones of every built-in architecture (no hub)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(1)
+
+import peftbench  # noqa: E402
+from transformers import (  # noqa: E402
+    BertConfig,
+    DistilBertConfig,
+    GPT2Config,
+    LlamaConfig,
+    RobertaConfig,
+)
+
+VOCAB = 64
+ARCHS = ("bert", "roberta", "distilbert", "gpt2", "llama")
+
+
+def tiny_config(arch: str):
+    """A 2-layer, 32-wide config of ``arch``; llama uses GQA (4 heads, 2 kv heads)."""
+    common = dict(vocab_size=VOCAB)
+    if arch == "bert":
+        return BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                          max_position_embeddings=64, **common)
+    if arch == "roberta":
+        return RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                             max_position_embeddings=70, pad_token_id=1, bos_token_id=0, eos_token_id=2, **common)
+    if arch == "distilbert":
+        return DistilBertConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=48, max_position_embeddings=64, **common)
+    if arch == "gpt2":
+        return GPT2Config(n_embd=32, n_layer=2, n_head=4, n_inner=48, n_positions=64, bos_token_id=0,
+                          eos_token_id=0, pad_token_id=0, **common)
+    if arch == "llama":
+        return LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           intermediate_size=48, max_position_embeddings=64, bos_token_id=0, eos_token_id=0,
+                           pad_token_id=0, **common)
+    raise KeyError(arch)
+
+
+def tiny_backbone(arch: str, task: str = "classification", seed: int = 0, num_labels: int = 2) -> peftbench.Backbone:
+    backbone = peftbench.from_config(tiny_config(arch), task=task, num_labels=num_labels, seed=seed)
+    return backbone
+
+
+def tiny_batch(batch: int = 3, length: int = 7, seed: int = 1, pad: bool = True):
+    """input_ids and an attention mask with right padding on some rows (ids avoid 0..2)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch, length), generator=g)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    if pad and batch > 1:
+        mask[1, length - 2:] = 0
+        ids[1, length - 2:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request):
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def registry():
+    return peftbench.get_registry()
