@@ -97,7 +97,7 @@ class Backbone:
                 return name
         return ""
 
-    def _block_path(self, i: int) -> str:
+    def layer_path(self, i: int) -> str:
         parts = [p for p in (self._base_prefix, self.layout.layers, str(i)) if p]
         return ".".join(parts)
 
@@ -107,7 +107,7 @@ class Backbone:
     def site(self, layer: int, name: str) -> Site:
         if not 0 <= layer < len(self._layers):
             raise ConfigError(f"layer {layer} does not exist ({self.name} has {len(self._layers)} layers)")
-        return resolve_site(self.layout, self._layers[layer], layer, name, self._block_path(layer))
+        return resolve_site(self.layout, self._layers[layer], layer, name, self.layer_path(layer))
 
     def sites(self, name: str, layers: list[int] | None = None) -> list[Site]:
         return [self.site(i, name) for i in (layers if layers is not None else range(len(self._layers)))]
@@ -176,7 +176,7 @@ class Backbone:
         block = self._layers[0]
         site_shapes, norm_params = {}, {}
         for name in self.layout.site_names():
-            site = resolve_site(self.layout, block, 0, name, self._block_path(0))
+            site = resolve_site(self.layout, block, 0, name, self.layer_path(0))
             if name in LINEAR_SITES:
                 site_shapes[name] = (site.in_features, site.out_features)
             elif name.endswith("_norm"):
@@ -203,6 +203,14 @@ class Backbone:
 
     def __repr__(self) -> str:
         return f"<Backbone {self.name} {self.spec.model_type} L={self.spec.layers} d={self.spec.hidden} params={self.spec.base_params:,}>"
+
+
+def quiet_transformers() -> None:
+    """Load reports and weight-loading bars are noise in a benchmark's output."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def _auto_class(task: str):
@@ -247,6 +255,7 @@ def load_backbone(name: str, task: str = "classification", num_labels: int = 2, 
 
     reg = registry or get_registry()
     source = resolve_source(name)
+    quiet_transformers()
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(source)
     except Exception as exc:  # offline hub id or broken folder

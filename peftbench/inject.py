@@ -127,14 +127,15 @@ class Injection:
                 return f"{name}.{attr}" if name else attr
         raise ConfigError(f"method {self.method.name!r}: module {type(parent).__name__} is not in the model")
 
+    def added_parameters(self) -> dict[str, nn.Parameter]:
+        """Parameters of the modules the method added (trained base parameters excluded)."""
+        return {
+            f"{key}.{name}": p for key, module in self._owned.items() for name, p in module.named_parameters()
+        }
+
     def named_parameters(self) -> dict[str, nn.Parameter]:
         """The method's parameters (owned modules and trained base parameters), head excluded."""
-        out: dict[str, nn.Parameter] = {}
-        for key, module in self._owned.items():
-            for name, p in module.named_parameters():
-                out[f"{key}.{name}"] = p
-        out.update(self._base_trainable)
-        return out
+        return {**self.added_parameters(), **self._base_trainable}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """What is saved: owned modules' parameters and buffers, trained base parameters."""

@@ -81,7 +81,10 @@ class Registry:
         )
 
     def plugin_names(self) -> list[str]:
-        return sorted(name for name, _ in self.pm.list_name_plugin() if name)
+        return sorted(name for name, plugin in self.pm.list_name_plugin() if name and plugin is not None)
+
+    def blocked_names(self) -> list[str]:
+        return sorted(name for name, plugin in self.pm.list_name_plugin() if name and plugin is None)
 
 
 def _plugin_name(pm: pluggy.PluginManager, plugin) -> str:

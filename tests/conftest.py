@@ -49,15 +49,24 @@ def tiny_backbone(arch: str, task: str = "classification", seed: int = 0, num_la
     return backbone
 
 
-def tiny_batch(batch: int = 3, length: int = 7, seed: int = 1, pad: bool = True):
-    """input_ids and an attention mask with right padding on some rows (ids avoid 0..2)."""
+def tiny_batch(batch: int = 3, length: int = 7, seed: int = 1, pad: bool = True, left: bool = False):
+    """input_ids and an attention mask with padding on row 1 (ids avoid 0..2).
+
+    ``left=True`` pads on the left, as decoders are padded for classification.
+    """
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, VOCAB, (batch, length), generator=g)
     mask = torch.ones(batch, length, dtype=torch.long)
     if pad and batch > 1:
-        mask[1, length - 2:] = 0
-        ids[1, length - 2:] = 0
+        cols = slice(0, 2) if left else slice(length - 2, length)
+        mask[1, cols] = 0
+        ids[1, cols] = 0
     return {"input_ids": ids, "attention_mask": mask}
+
+
+def batch_for(backbone, **kwargs):
+    """A padded batch the way the runner pads this backbone (decoders on the left)."""
+    return tiny_batch(left=backbone.spec.is_decoder, **kwargs)
 
 
 @pytest.fixture(params=ARCHS)

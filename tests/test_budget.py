@@ -1,0 +1,124 @@
+"""Budgets: parsing, the solver (with a method defined here), monotone counts, infeasibility."""
+
+from __future__ import annotations
+
+import pytest
+from torch import nn
+
+import peftbench
+from conftest import tiny_backbone
+
+MINILM = peftbench.spec_for("minilm")
+
+
+class SquareConfig(peftbench.MethodConfig):
+    n: int = 1
+
+
+class Square(peftbench.Method):
+    """n x n parameters per layer: a count that grows quadratically in the knob."""
+
+    name = "square"
+    knob = "n"
+    Config = SquareConfig
+
+    def knob_range(self, cfg, spec):
+        return 1, spec.hidden
+
+    def param_count(self, cfg, spec):
+        return spec.layers * cfg.n * cfg.n
+
+    def inject(self, backbone, cfg):
+        injection = peftbench.Injection(backbone, self, cfg)
+        for block in backbone.layer_modules():
+            module = nn.Module()
+            module.w = nn.Parameter(backbone.embeddings().weight.new_zeros(cfg.n, cfg.n))
+            injection.attach(block, "square", module)
+        return injection
+
+
+@pytest.mark.parametrize("text,fraction,count", [
+    ("3%", 0.03, None), ("0.5%", 0.005, None), ("100%", 1.0, None), ("500k", None, 500_000),
+    ("2M", None, 2_000_000), ("123456", None, 123_456), ("1.5m", None, 1_500_000),
+])
+def test_parse_budget(text, fraction, count):
+    b = peftbench.parse_budget(text)
+    assert b.fraction == pytest.approx(fraction) if fraction else b.fraction is None
+    assert b.count == count
+
+
+@pytest.mark.parametrize("text", ["3", "-1%", "abc", "150%", "0%", "", "1.5", "2.5k5", "0.0001k", "k"])
+def test_malformed_budgets(text):
+    with pytest.raises(peftbench.BudgetError, match="allowed: a percentage"):
+        peftbench.parse_budget(text)
+
+
+def test_bare_small_number_is_ambiguous():
+    with pytest.raises(peftbench.BudgetError, match="ambiguous: write 3% for a fraction"):
+        peftbench.parse_budget("3")
+
+
+def test_target_of_fraction_and_count():
+    assert peftbench.parse_budget("1%").target(22_713_216) == 227_132
+    assert peftbench.parse_budget("500k").target(22_713_216) == 500_000
+
+
+def test_solver_finds_the_closest_knob():
+    method = Square()
+    spec = tiny_backbone("bert").spec  # 2 layers, hidden 32
+    for target in range(2, 2 * 32 * 32, 37):
+        sol = peftbench.solve(method, method.config(), spec, str(max(target, 100)) if target >= 100 else f"{100 * target / spec.base_params}%")
+        t = sol.target
+        best = min(range(1, 33), key=lambda n: (abs(2 * n * n - t), n))
+        assert abs(sol.params - t) == abs(2 * best * best - t)
+        assert sol.verified is None
+
+
+def test_solver_reports_achieved_and_error():
+    method = Square()
+    spec = MINILM
+    sol = peftbench.solve(method, method.config(), spec, "0.01%")
+    assert sol.target == round(0.0001 * spec.base_params)
+    assert sol.value == 19 and sol.params == 6 * 19 * 19
+    assert sol.achieved == pytest.approx(sol.params / spec.base_params)
+    assert sol.rel_error == pytest.approx((sol.params - sol.target) / sol.target)
+
+
+def test_infeasible_budget_names_the_range():
+    method = Square()
+    spec = tiny_backbone("bert").spec
+    sol = peftbench.solve(method, method.config(), spec, "90%")
+    assert not sol.reachable
+    assert "spans 2..2,048 params" in sol.note and "nearest feasible: n=32" in sol.note
+    with pytest.raises(peftbench.BudgetError, match="not reachable: square spans"):
+        peftbench.solve_or_raise(method, method.config(), spec, "90%")
+
+
+def test_verify_by_instantiation():
+    method = Square()
+    backbone = tiny_backbone("llama")
+    assert peftbench.verify(method, method.config(n=5), backbone) == 50
+    assert backbone.count_trainable() == 0  # verify removed its injection
+
+
+REGISTRY = peftbench.get_registry()
+BUDGETED = sorted(n for n, e in REGISTRY.methods.items() if e.obj.budgeted and e.obj.knob)
+
+
+@pytest.mark.parametrize("name", BUDGETED)
+def test_builtin_counts_are_monotone_and_solved_within_granularity(name):
+    method = REGISTRY.method(name)
+    for spec in (MINILM, tiny_backbone("llama").spec):
+        cfg = method.config()
+        lo, hi = method.knob_range(cfg, spec)
+        ks = sorted({lo, *range(lo, min(hi, lo + 40) + 1), hi, (lo + hi) // 2})
+        counts = [method.param_count(method.with_knob(cfg, k), spec) for k in ks]
+        assert counts == sorted(counts), f"{name}: param_count not monotone in {method.knob}"
+        for budget in ("0.1%", "1%", "3%", "50k"):
+            sol = peftbench.solve(method, cfg, spec, budget)
+            if not sol.reachable:
+                assert sol.target < sol.low or sol.target > sol.high
+                continue
+            k = sol.value
+            neighbours = [method.param_count(method.with_knob(cfg, j), spec) for j in (k - 1, k + 1) if lo <= j <= hi]
+            assert all(abs(sol.params - sol.target) <= abs(c - sol.target) for c in neighbours)
