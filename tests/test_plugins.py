@@ -185,3 +185,24 @@ def test_resolve_layout_hook_answers_for_unknown_models():
     assert reg.layout_for(config) is layout
     with pytest.raises(peftbench.LayoutError, match="(?s)no layout for model_type .my-bert.*register_architectures"):
         get_registry().layout_for(config)
+
+
+def test_readme_plugin_example_works(tmp_path, capsys):
+    """The plugin shown in the README registers, solves and verifies as written."""
+    text = README.read_text()
+    code = text.split("```python\n# my_plugin.py\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "my_plugin.py").write_text(code)
+    reg = get_registry(plugins_dir=tmp_path)
+    method = reg.method("ia3-lite")
+    from conftest import batch_for, tiny_backbone
+
+    backbone = tiny_backbone("bert")
+    assert peftbench.verify(method, method.config(n=2), backbone) == 2 * 32
+    backbone.freeze()
+    injection = method.inject(backbone, method.config(n=1))
+    out = backbone.model(**batch_for(backbone)).logits
+    out.sum().backward()
+    assert all(p.grad is not None for p in injection.named_parameters().values())
+    assert main(["--plugins-dir", str(tmp_path), "solve", "--backbone", "minilm", "--methods", "scale",
+                 "--budget", "1000", "--no-verify"]) == 0
+    assert "n=3" in capsys.readouterr().out  # 3 x 384 = 1,152 is closest to 1,000
