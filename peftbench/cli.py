@@ -117,7 +117,10 @@ def cmd_solve(args) -> int:
     print(f"budget {args.budget}: method's trainable parameters / backbone parameters (head excluded)\n")
     rows, notes = [], []
     for method, sol in solutions:
-        verified = {True: "yes", False: f"NO (measured {sol.measured:,})", None: "not checked"}[sol.verified]
+        if sol.verified is None:
+            verified = "not checked"
+        else:
+            verified = "yes" if sol.verified else f"NO (measured {sol.measured:,})"
         knob = f"{sol.knob}={sol.value}" if sol.knob else "—"
         if sol.target is None:
             err = "budget n/a"
