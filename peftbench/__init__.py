@@ -24,6 +24,7 @@ from .layout import LINEAR_SITES, SITE_NAMES, ArchLayout, Site, is_conv1d, linea
 from .method import Method, MethodConfig
 from .plugins import get_registry
 from .quant import logical_numel
+from .tasks import Task, get_task, packaged_data
 
 __all__ = [
     "ArchLayout", "AssetError", "Backbone", "BackboneSpec", "Budget", "BudgetError", "ConfigError",
@@ -31,4 +32,5 @@ __all__ = [
     "SITE_NAMES", "Site", "Solution", "TASK_KINDS", "VerificationError", "from_config", "get_registry",
     "hookimpl", "hookspec", "is_conv1d", "linear_shape", "load_backbone", "load_injection", "logical_numel",
     "parse_budget", "solve", "solve_or_raise", "spec_for", "verify",
+    "Task", "get_task", "packaged_data",
 ]
