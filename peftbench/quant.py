@@ -7,6 +7,10 @@ peftbench goes through ``logical_numel`` so 4-bit weights are counted from their
 from __future__ import annotations
 
 import torch
+from torch import nn
+
+from .errors import ConfigError
+from .layout import is_conv1d, linear_shape
 
 
 def logical_numel(param: torch.Tensor) -> int:
@@ -18,3 +22,91 @@ def logical_numel(param: torch.Tensor) -> int:
             n *= int(s)
         return n
     return param.numel()
+
+
+# -- 4-bit NF4 layers (bitsandbytes) ---------------------------------------------------------
+QUANT_INSTALL = "pip install peftbench[quant]"
+
+
+def require_bitsandbytes(method: str):
+    """The ``bitsandbytes`` module, or a ConfigError naming the method and the install."""
+    try:
+        import bitsandbytes
+    except Exception as exc:  # missing (ImportError) or broken install
+        raise ConfigError(
+            f"method {method!r} needs bitsandbytes: {QUANT_INSTALL} ({type(exc).__name__}: {exc})"
+        ) from None
+    return bitsandbytes
+
+
+def is_4bit(module: nn.Module) -> bool:
+    """True for a layer whose weight is a quantised bitsandbytes 4-bit tensor."""
+    return getattr(getattr(module, "weight", None), "quant_state", None) is not None
+
+
+def quantize_linear(linear: nn.Module, compute_dtype: torch.dtype = torch.float32, double_quant: bool = True,
+                    quant_type: str = "nf4", method: str = "qlora") -> nn.Module:
+    """A frozen ``bitsandbytes.nn.Linear4bit`` holding ``linear``'s weight (Linear or Conv1D).
+
+    The new layer is built on ``linear``'s device; ``linear`` itself is left untouched.
+    ``double_quant`` also quantises the per-block absmax statistics (QLoRA's double quantisation).
+    """
+    bnb = require_bitsandbytes(method)
+    d_in, d_out = linear_shape(linear)
+    weight = linear.weight.detach()
+    if is_conv1d(linear):
+        weight = weight.T  # Conv1D stores (d_in, d_out); Linear4bit wants (d_out, d_in)
+    layer = bnb.nn.Linear4bit(d_in, d_out, bias=linear.bias is not None, compute_dtype=compute_dtype,
+                              compress_statistics=double_quant, quant_type=quant_type, device="meta")
+    # quantisation happens when a Params4bit moves to a real device; it reads ``weight``, never writes it
+    layer.weight = bnb.nn.Params4bit(weight.contiguous(), requires_grad=False, compress_statistics=double_quant,
+                                     quant_type=quant_type, module=layer).to(weight.device)
+    if linear.bias is not None:
+        layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+    layer.train(linear.training)
+    return layer
+
+
+def dequantize_weight(layer: nn.Module) -> torch.Tensor:
+    """The (d_out, d_in) floating-point weight a 4-bit layer stands for (a new tensor)."""
+    bnb = require_bitsandbytes("4-bit")
+    if getattr(layer.weight.quant_state, "packing_format_for_cpu", False):
+        layer.state_dict()  # bitsandbytes undoes its CPU inference packing while saving
+    return bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+
+
+def requantize(layer: nn.Module, weight: torch.Tensor) -> nn.Parameter:
+    """A new 4-bit weight for ``layer`` from the dense (d_out, d_in) ``weight``, quantised as before."""
+    bnb = require_bitsandbytes("4-bit")
+    old = layer.weight
+    return bnb.nn.Params4bit(weight.contiguous(), requires_grad=False, blocksize=old.blocksize,
+                             compress_statistics=old.compress_statistics, quant_type=old.quant_type,
+                             quant_storage=old.quant_storage).to(weight.device)
+
+
+def _state_tensors(state):
+    """Every tensor a bitsandbytes QuantState holds (absmax, code, offset, the nested state2 ...)."""
+    for value in vars(state).values():
+        if torch.is_tensor(value):
+            yield value
+        elif hasattr(value, "absmax"):  # nested QuantState of double quantisation
+            yield from _state_tensors(value)
+
+
+def quantized_bytes(module: nn.Module) -> int:
+    """Bytes the 4-bit weights under ``module`` really occupy: packed data + quantisation state."""
+    seen, total = set(), 0
+    for layer in module.modules():
+        if not is_4bit(layer):
+            continue
+        for t in (layer.weight.data, *_state_tensors(layer.weight.quant_state)):
+            key = (t.data_ptr(), t.numel(), t.dtype)
+            if key not in seen:
+                seen.add(key)
+                total += t.numel() * t.element_size()
+    return total
+
+
+def quantized_params(module: nn.Module) -> int:
+    """Logical parameters stored in 4-bit under ``module``."""
+    return sum(logical_numel(layer.weight) for layer in module.modules() if is_4bit(layer))

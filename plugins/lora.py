@@ -1,0 +1,224 @@
+"""LoRA (Hu et al., 2021): a trainable low-rank update beside frozen linear layers.
+
+    h = W x + (alpha / r) * B A x        A: (r, d_in) kaiming-uniform, B: (d_out, r) zero
+
+so the model is unchanged at initialisation. Each target linear site is replaced by a
+``LoRALinear`` that keeps the original as ``base_layer``. On GPT-2's fused ``c_attn``
+(a Conv1D producing q|k|v) the targets are output slices: every targeted slice of one
+fused module shares one ``SlicedLoRALinear`` and its delta lands only in its slice.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import peftbench
+import torch
+import torch.nn.functional as F
+from pydantic import Field, field_validator
+from torch import nn
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer (Linear, Conv1D or 4-bit) plus (alpha / r) * B A."""
+
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0,
+                 slices: list[tuple[int, int]] | None = None, dtype: torch.dtype | None = None):
+        super().__init__()
+        d_in, d_out = peftbench.linear_shape(base_layer)
+        self.base_layer = base_layer
+        self.r = r
+        self.scaling = alpha / r
+        #: output columns each LoRA writes, as (start, end); None: the whole output
+        self.slices = slices
+        n = len(slices) if slices else 1
+        width = (slices[0][1] - slices[0][0]) if slices else d_out
+        weight = _floating_weight(base_layer)
+        factory = {"device": weight.device if weight is not None else None,
+                   "dtype": dtype or (weight.dtype if weight is not None else None)}
+        # with slices, A and B of slice i are rows i*r:(i+1)*r of A and i*w:(i+1)*w of B
+        self.lora_A = nn.Linear(d_in, n * r, bias=False, **factory)  # weight (n*r, d_in)
+        self.lora_B = nn.Linear(r, n * width, bias=False, **factory)  # weight (n*w, r)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # bound 1/sqrt(d_in), as peft
+        nn.init.zeros_(self.lora_B.weight)
+        self.merged = False
+        self._unmerged: list[nn.Parameter] = []  # the original weight while merged (a list: not registered)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base_layer(x)
+        # h = W x + B (alpha / r) A x   (the scaling multiplies the r-wide A x: the cheap place)
+        return self.base_layer(x) + self.lora_B(self.scaling * self.lora_A(self.dropout(x)))
+
+    # -- merging -------------------------------------------------------------------------
+    def delta_weights(self) -> list[tuple[int, int, torch.Tensor]]:
+        """(start, end, (alpha / r) * B_i A_i of shape (end - start, d_in)) per slice."""
+        a, b, r = self.lora_A.weight, self.lora_B.weight, self.r
+        slices = self.slices or [(0, b.shape[0])]
+        width = slices[0][1] - slices[0][0]
+        return [(s, e, self.scaling * (b[i * width:(i + 1) * width] @ a[i * r:(i + 1) * r]))
+                for i, (s, e) in enumerate(slices)]
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W <- W + (alpha / r) B A in a new weight; the original is kept for ``unmerge``."""
+        if self.merged:
+            return
+        base = self.base_layer
+        four_bit = peftbench.quant.is_4bit(base)
+        dense = peftbench.quant.dequantize_weight(base) if four_bit else base.weight.detach().clone()
+        rows = dense.T if peftbench.is_conv1d(base) else dense  # (d_out, d_in) view either way
+        for start, end, delta in self.delta_weights():
+            rows[start:end] += delta.to(rows.dtype)
+        self._unmerged = [base.weight]
+        if four_bit:  # requantised: merged 4-bit outputs carry a second rounding error
+            base.weight = peftbench.quant.requantize(base, dense)
+        else:
+            base.weight = nn.Parameter(dense, requires_grad=base.weight.requires_grad)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Put the original weight object back (bit for bit)."""
+        if not self.merged:
+            return
+        self.base_layer.weight = self._unmerged.pop()
+        self.merged = False
+
+
+class SlicedLoRALinear(LoRALinear):
+    """LoRA on some output slices of a fused projection (GPT-2's q|k|v ``c_attn``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base_layer(x)
+        h = self.base_layer(x)  # (..., d_out): every slice
+        ax = self.lora_A(self.dropout(x)) * self.scaling  # (..., n*r): all slices' (alpha/r) A_i x in one matmul
+        b, r = self.lora_B.weight, self.r
+        pieces, done = [], 0  # h rebuilt once, left to right; untargeted columns pass through
+        for i, (start, end) in enumerate(self.slices):
+            # h[..., slice i] + B_i (alpha / r) A_i x
+            delta = F.linear(ax[..., i * r:(i + 1) * r], b[i * (end - start):(i + 1) * (end - start)])
+            pieces += [h[..., done:start], h[..., start:end] + delta]
+            done = end
+        pieces.append(h[..., done:])
+        return torch.cat(pieces, dim=-1)
+
+
+def _floating_weight(module: nn.Module) -> torch.Tensor | None:
+    """A floating-point parameter of ``module`` (4-bit layers: the bias), for device and dtype."""
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p
+    return next(module.parameters(), None)
+
+
+class LoRAInjection(peftbench.Injection):
+    """Tracks the LoRA wrappers so the whole injection can merge and unmerge."""
+
+    def __init__(self, backbone, method, cfg):
+        super().__init__(backbone, method, cfg)
+        self.lora_layers: list[LoRALinear] = []
+
+    def merge(self) -> None:
+        for layer in self.lora_layers:
+            layer.merge()
+
+    def unmerge(self) -> None:
+        for layer in self.lora_layers:
+            layer.unmerge()
+
+
+# -- targets -------------------------------------------------------------------------------
+ALL_LINEAR = "all-linear"
+
+
+def target_names(method: str, targets: list[str] | str, spec: peftbench.BackboneSpec) -> list[str]:
+    """The linear site names ``targets`` means on ``spec`` (``all-linear``: every one it has)."""
+    if targets == ALL_LINEAR:
+        return [n for n in peftbench.LINEAR_SITES if n in spec.site_shapes]
+    missing = [n for n in targets if n not in spec.site_shapes]
+    if missing:
+        raise peftbench.ConfigError(
+            f"method {method!r}: field 'targets' names {missing}, which {spec.name} ({spec.model_type}) lacks; "
+            f"it has: {', '.join(n for n in peftbench.LINEAR_SITES if n in spec.site_shapes)} (or {ALL_LINEAR!r})"
+        )
+    return list(targets)
+
+
+def validate_targets(value):
+    """Accept 'all-linear', a list of linear site names, or a comma-separated string of them."""
+    if isinstance(value, str) and value != ALL_LINEAR:
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if isinstance(value, list):
+        bad = [v for v in value if v not in peftbench.LINEAR_SITES]
+        if bad or not value:
+            raise ValueError(f"targets must be {ALL_LINEAR!r} or linear site names from "
+                             f"{', '.join(peftbench.LINEAR_SITES)}; got {value}")
+        value = list(dict.fromkeys(value))  # drop repeats, keep order
+    return value
+
+
+def lora_params(r: int, names: list[str], spec: peftbench.BackboneSpec) -> int:
+    # per layer and target: r * (d_in + d_out)   (GQA k/v: d_out = kv_heads * head_dim)
+    return spec.layers * sum(r * (spec.site_shapes[n][0] + spec.site_shapes[n][1]) for n in names)
+
+
+def max_rank(names: list[str], spec: peftbench.BackboneSpec) -> int:
+    return min(min(spec.site_shapes[n]) for n in names)
+
+
+def add_lora(injection: LoRAInjection, names: list[str], r: int, alpha: float, dropout: float,
+             dtype: torch.dtype | None = None) -> list[LoRALinear]:
+    """Wrap every layer's target sites; slices of one fused module share one wrapper."""
+    groups: dict[int, list[peftbench.Site]] = {}
+    for name in names:
+        for site in injection.backbone.sites(name):
+            groups.setdefault(id(site.module), []).append(site)
+    for sites in groups.values():
+        site = sites[0]
+        if site.out_slice is None:
+            layer = LoRALinear(site.module, r, alpha, dropout, dtype=dtype)
+        else:
+            slices = sorted(s.out_slice for s in sites)
+            layer = SlicedLoRALinear(site.module, r, alpha, dropout, slices=slices, dtype=dtype)
+        layer.train(site.module.training)
+        injection.replace(site.parent, site.attr, layer, owned={"lora_A": layer.lora_A, "lora_B": layer.lora_B})
+        injection.lora_layers.append(layer)
+    return injection.lora_layers
+
+
+class LoRA(peftbench.Method):
+    name = "lora"
+    knob = "r"
+    inserts = "low-rank update (alpha/r)·B·A beside frozen target linears (default q, v); mergeable"
+    default_lr = 5e-4
+
+    class Config(peftbench.MethodConfig):
+        r: int = Field(8, ge=1, description="rank of B A")
+        alpha: float = Field(16.0, gt=0, description="scaling numerator: the update is (alpha / r) B A")
+        dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the LoRA path's input")
+        targets: list[str] | Literal["all-linear"] = Field(default_factory=lambda: ["q", "v"])
+
+        _targets = field_validator("targets", mode="before")(validate_targets)
+
+    def knob_range(self, cfg, spec):
+        return 1, max_rank(target_names(self.name, cfg.targets, spec), spec)
+
+    def param_count(self, cfg, spec):
+        # L * sum over targets of r * (d_in + d_out)
+        return lora_params(cfg.r, target_names(self.name, cfg.targets, spec), spec)
+
+    def inject(self, backbone, cfg):
+        cfg = self.config(cfg)
+        self.check(cfg, backbone.spec)
+        injection = LoRAInjection(backbone, self, cfg)
+        add_lora(injection, target_names(self.name, cfg.targets, backbone.spec), cfg.r, cfg.alpha, cfg.dropout)
+        return injection
+
+
+@peftbench.hookimpl
+def register_methods(register):
+    register(LoRA)

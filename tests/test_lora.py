@@ -1,0 +1,205 @@
+"""LoRA: parity with peft, identity at init, merge/unmerge, counts, fused GPT-2 slices, GQA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+import peftbench
+from conftest import ARCHS, batch_for, tiny_backbone
+from peftbench_plugins.lora import LoRALinear, SlicedLoRALinear
+
+LORA = peftbench.get_registry().method("lora")
+TARGETS = (["q", "v"], ["q", "k", "v"], "all-linear")
+
+
+def hidden(backbone, batch):
+    return backbone.model(**batch, output_hidden_states=True).hidden_states[-1]
+
+
+def wrappers(backbone) -> dict[str, LoRALinear]:
+    return {name: m for name, m in backbone.model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def randomize(injection, seed=0, std=0.3):
+    """Nonzero A and B, so the LoRA path really changes the outputs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in injection.named_parameters().values():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+@pytest.mark.parametrize("targets", TARGETS, ids=str)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_outputs_match_peft(arch, targets):
+    """Same base weights, same A and B: our model and peft's agree within 1e-5.
+
+    A fused GPT-2 wrapper with n targeted slices is one peft LoRA of rank n*r on the whole
+    c_attn (alpha scaled by n so alpha/r is unchanged): A' = our stacked A (n*r, d_in) and
+    B' (3*w, n*r) holds B_i in slice i's rows and columns i*r:(i+1)*r, zeros elsewhere.
+    """
+    r, alpha = 2, 6.0
+    ours, theirs = tiny_backbone(arch), tiny_backbone(arch)
+    batch = batch_for(ours)
+    base_out = hidden(ours, batch)
+    ours.freeze()
+    injection = LORA.inject(ours, LORA.config(r=r, alpha=alpha, targets=targets))
+    randomize(injection)
+    mine = wrappers(ours)
+    ranks = {path: r * len(w.slices) for path, w in mine.items() if w.slices}
+    peft_model = get_peft_model(theirs.model, LoraConfig(
+        r=r, lora_alpha=alpha, target_modules=sorted(mine), lora_dropout=0.0, fan_in_fan_out=arch == "gpt2",
+        rank_pattern=ranks, alpha_pattern={path: alpha * n / r for path, n in ranks.items()}))
+    inner = peft_model.base_model.model
+    with torch.no_grad():
+        for path, w in mine.items():
+            layer = inner.get_submodule(path)
+            a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+            a.copy_(w.lora_A.weight)
+            if not w.slices:
+                b.copy_(w.lora_B.weight)
+                continue
+            b.zero_()
+            for i, (start, end) in enumerate(w.slices):
+                b[start:end, i * r:(i + 1) * r] = w.lora_B.weight[i * (end - start):(i + 1) * (end - start)]
+    out = hidden(ours, batch)
+    assert (out - base_out).abs().max() > 1e-2  # the LoRA path matters
+    torch.testing.assert_close(out, peft_model(**batch, output_hidden_states=True).hidden_states[-1],
+                               atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("targets", TARGETS, ids=str)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_identity_merge_unmerge_remove(arch, targets):
+    backbone = tiny_backbone(arch)
+    batch = batch_for(backbone)
+    before = {k: v.clone() for k, v in backbone.model.state_dict().items()}
+    modules_before = {n: m for n, m in backbone.model.named_modules()}
+    ref = hidden(backbone, batch)
+    backbone.freeze()
+    injection = LORA.inject(backbone, LORA.config(r=3, targets=targets))
+    torch.testing.assert_close(hidden(backbone, batch), ref, atol=1e-5, rtol=0)  # B = 0 at init
+    randomize(injection, std=0.1)
+    unmerged = hidden(backbone, batch)
+    assert (unmerged - ref).abs().max() > 1e-3
+    weights = {n: w.base_layer.weight for n, w in wrappers(backbone).items()}
+    keys = backbone.model.state_dict().keys()
+    injection.merge()
+    assert backbone.model.state_dict().keys() == keys  # merging swaps weights, adds no tensors
+    assert all(w.merged and w.base_layer.weight is not weights[n] for n, w in wrappers(backbone).items())
+    torch.testing.assert_close(hidden(backbone, batch), unmerged, atol=1e-5, rtol=0)
+    injection.unmerge()
+    assert all(w.base_layer.weight is weights[n] for n, w in wrappers(backbone).items())
+    assert torch.equal(hidden(backbone, batch), unmerged)
+    injection.merge()
+    injection.remove()  # after a merge: unmerges, then unwraps
+    after = backbone.model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    assert {n: m for n, m in backbone.model.named_modules()} == modules_before
+    assert torch.equal(hidden(backbone, batch), ref)
+
+
+# per layer and unit of rank, all-linear: sum of (d_in + d_out) over the linear sites
+# d = 32, intermediate 48; bert-like: 4 * (32 + 32) + (32 + 48) + (48 + 32) = 416; gpt2: the same
+# with q|k|v as slices; llama GQA: q 64, k 32+16, v 32+16, o 64, gate/up/down 80 each = 464
+ALL_LINEAR_PER_RANK = {"bert": 416, "roberta": 416, "distilbert": 416, "gpt2": 416, "llama": 464}
+ALL_LINEAR_MAX_RANK = {"bert": 32, "roberta": 32, "distilbert": 32, "gpt2": 32, "llama": 16}
+ALL_LINEAR_MODULES = {"bert": 6, "roberta": 6, "distilbert": 6, "gpt2": 4, "llama": 7}  # wrappers per layer
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_all_linear_counts(arch):
+    backbone = tiny_backbone(arch)
+    cfg = LORA.config(r=2, targets="all-linear")
+    expected = 2 * 2 * ALL_LINEAR_PER_RANK[arch]  # L = 2, r = 2
+    assert LORA.param_count(cfg, backbone.spec) == expected
+    assert LORA.knob_range(cfg, backbone.spec) == (1, ALL_LINEAR_MAX_RANK[arch])
+    backbone.freeze()
+    injection = LORA.inject(backbone, cfg)
+    assert backbone.count_trainable() == expected
+    assert len(wrappers(backbone)) == 2 * ALL_LINEAR_MODULES[arch]
+    injection.remove()
+
+
+def test_gpt2_slices_receive_deltas_only_in_their_slice():
+    """q and v on the fused c_attn: one wrapper; the k columns stay exactly the base's."""
+    backbone = tiny_backbone("gpt2")
+    backbone.freeze()
+    injection = LORA.inject(backbone, LORA.config(r=2, targets=["q", "v"]))
+    randomize(injection)
+    c_attn = backbone.model.transformer.h[0].attn.c_attn
+    assert isinstance(c_attn, SlicedLoRALinear) and c_attn.slices == [(0, 32), (64, 96)]
+    assert c_attn.lora_A.weight.shape == (4, 32) and c_attn.lora_B.weight.shape == (64, 2)
+    x = torch.randn(3, 5, 32)
+    delta = c_attn(x) - c_attn.base_layer(x)
+    assert (delta[..., 32:64] == 0).all()
+    assert (delta[..., :32].abs() > 0).all() and (delta[..., 64:].abs() > 0).all()
+    weight = c_attn.base_layer.weight.clone()  # Conv1D: (d_in, 3 * d)
+    injection.merge()
+    merged = c_attn.base_layer.weight
+    assert torch.equal(merged[:, 32:64], weight[:, 32:64])
+    assert not torch.equal(merged[:, :32], weight[:, :32]) and not torch.equal(merged[:, 64:], weight[:, 64:])
+    injection.remove()
+
+
+def test_llama_gqa_key_value_width():
+    backbone = tiny_backbone("llama")  # 4 heads, 2 kv heads, head_dim 8: k/v are 32 -> 16
+    backbone.freeze()
+    injection = LORA.inject(backbone, LORA.config(r=3, targets=["q", "k", "v"]))
+    attn = backbone.model.model.layers[1].self_attn
+    assert attn.q_proj.lora_B.weight.shape == (32, 3)
+    assert attn.k_proj.lora_B.weight.shape == (16, 3) and attn.v_proj.lora_B.weight.shape == (16, 3)
+    assert backbone.count_trainable() == 2 * 3 * (64 + 48 + 48)
+    injection.remove()
+
+
+@pytest.mark.parametrize("values, needle", [
+    ({"targets": ["q", "x"]}, "targets"),
+    ({"targets": []}, "targets"),
+    ({"r": 0}, "'r'"),
+    ({"dropout": 1.0}, "dropout"),
+])
+def test_bad_config_names_the_field(values, needle):
+    with pytest.raises(peftbench.ConfigError, match=needle) as err:
+        LORA.config(values)
+    assert "'lora'" in str(err.value)
+
+
+def test_site_missing_or_rank_too_large():
+    spec = tiny_backbone("bert").spec
+    with pytest.raises(peftbench.ConfigError, match="ffn_gate"):
+        LORA.param_count(LORA.config(targets=["q", "ffn_gate"]), spec)
+    with pytest.raises(peftbench.ConfigError, match=r"allowed 1\.\.32"):
+        LORA.check(LORA.config(r=33), spec)
+    assert LORA.config(targets="q, v").targets == ["q", "v"]
+
+
+def test_dropout_only_in_training():
+    backbone = tiny_backbone("bert")
+    backbone.freeze()
+    injection = LORA.inject(backbone, LORA.config(r=2, dropout=0.5))
+    randomize(injection)
+    batch = batch_for(backbone)
+    assert torch.equal(hidden(backbone, batch), hidden(backbone, batch))  # eval: dropout off
+    backbone.model.train()
+    torch.manual_seed(0)
+    assert not torch.equal(hidden(backbone, batch), hidden(backbone, batch))
+    injection.remove()
+
+
+@pytest.mark.parametrize("name", ["minilm", "smollm2"])
+def test_real_backbone_forward_backward(name):
+    backbone = peftbench.load_backbone(name, task="causal_lm" if name == "smollm2" else "classification")
+    backbone.freeze()
+    cfg = LORA.config(r=4)
+    injection = LORA.inject(backbone, cfg)
+    assert backbone.count_trainable() == LORA.param_count(cfg, backbone.spec)
+    batch = backbone.tokenizer(["a short test sentence"], return_tensors="pt")
+    labels = batch["input_ids"] if name == "smollm2" else torch.tensor([1])
+    loss = backbone.model(**batch, labels=labels).loss
+    loss.backward()
+    grads = {k: p.grad for k, p in injection.named_parameters().items()}
+    assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
+    assert all(g.abs().sum() > 0 for k, g in grads.items() if "lora_B" in k)  # B's grad is nonzero at B = 0
+    injection.remove()
