@@ -2,11 +2,19 @@
 
 ``attach_kv_prefix`` switches the model to the ``peftbench_kv_prefix`` attention function.
 That function looks up the prefix of the calling attention module (the layout's layer
-index is stored on the module), concatenates it in front of the keys and values (after any
-cache update, so the cache never holds the prefix), widens the mask by the prefix columns
-and calls SDPA. The matching mask function is registered under the same name and always
-materialises a boolean mask (True = attend): otherwise padding would arrive as ``None``
-and padded tokens would be attended silently.
+index is stored on the module, because some attention modules, DistilBERT's, carry no
+``layer_idx``), concatenates it in front of the keys and values (after any cache update, so
+the cache never holds the prefix and position ids of real tokens are not shifted), widens
+the mask by the prefix columns and calls SDPA. GQA prefixes have ``kv_heads`` heads: they
+are concatenated before SDPA repeats key/value heads.
+
+The matching mask function is registered under the same name and always materialises a
+boolean mask (True = attend): otherwise padding would arrive as ``None`` and padded
+tokens would be attended silently. The model builds that mask once per forward and hands
+the same tensor to every layer, so the widened mask is memoised and built once, not L times.
+
+A provider is ``provider(layer, batch) -> (key, value)``, each ``(kv_heads, n, head_dim)``
+(shared by the batch, expanded here as a view) or ``(batch, kv_heads, n, head_dim)``.
 """
 
 from __future__ import annotations
@@ -19,23 +27,45 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
+from .errors import ConfigError
+
 NAME = "peftbench_kv_prefix"
 _SLOT = "_peftbench_kv_prefix"
+
+Provider = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
+
+
+class _Prefix:
+    """One attachment: the provider, and the widened mask of the current forward."""
+
+    def __init__(self, provider: Provider):
+        self.provider = provider
+        self._memo: tuple | None = None  # (mask in, its version, n, q_len, key_len, mask out)
+
+    def widen(self, mask: torch.Tensor | None, module, query: torch.Tensor, key_len: int, n: int) -> torch.Tensor:
+        q_len = query.shape[2]
+        version = None if mask is None else mask._version
+        memo = self._memo
+        # the memo holds the input mask, so its id cannot be reused while it is cached
+        if memo is not None and memo[0] is mask and memo[1:5] == (version, n, q_len, key_len):
+            return memo[5]
+        out = _widen_mask(mask, module, query, key_len, n)
+        self._memo = (mask, version, n, q_len, key_len, out)
+        return out
 
 
 @dataclass
 class _Slot:
-    provider: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
+    prefix: _Prefix
     layer: int
 
 
 def _widen_mask(mask: torch.Tensor | None, module, query: torch.Tensor, key_len: int, n: int) -> torch.Tensor:
-    """Mask over (prefix + keys); prefix columns are always attended."""
-    batch, _, q_len, _ = query.shape
-    if mask is None:
+    """Mask over (prefix + keys), (B or 1, 1, q, n + k); prefix columns are always attended."""
+    q_len = query.shape[2]
+    if mask is None:  # only reached when a caller bypassed the registered mask function
         if getattr(module, "is_causal", False) and q_len > 1:
-            past = key_len - q_len
-            rows = torch.arange(q_len, device=query.device)[:, None] + past
+            rows = torch.arange(q_len, device=query.device)[:, None] + (key_len - q_len)
             cols = torch.arange(key_len, device=query.device)[None, :]
             mask = (cols <= rows)[None, None]  # (1, 1, q, k)
         else:
@@ -48,16 +78,29 @@ def _widen_mask(mask: torch.Tensor | None, module, query: torch.Tensor, key_len:
     return torch.cat([pad, mask], dim=-1)
 
 
+def _batched(prefix: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """(kv_heads, n, D) or (1 or B, kv_heads, n, D) -> (B, kv_heads, n, D), a view when shared."""
+    if prefix.dim() == 3:
+        prefix = prefix.unsqueeze(0)
+    if prefix.dim() != 4 or prefix.shape[1] != key.shape[1] or prefix.shape[3] != key.shape[3]:
+        raise ConfigError(
+            f"kv prefix has shape {tuple(prefix.shape)}; the layer's keys need (batch, {key.shape[1]} kv heads, "
+            f"n, {key.shape[3]} head_dim) or ({key.shape[1]}, n, {key.shape[3]})"
+        )
+    return prefix.to(key.dtype).expand(key.shape[0], -1, -1, -1)
+
+
 def prefix_attention(module, query, key, value, attention_mask, **kwargs):
     slot: _Slot | None = module.__dict__.get(_SLOT)
     if slot is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    # query: (B, H, q, D); key/value: (B, H_kv, k, D); prefix: (B, H_kv, n, D)
-    prefix_key, prefix_value = slot.provider(slot.layer, query.shape[0])
+    # query: (B, H, q, D); key/value: (B, H_kv, k, D) after the cache update; prefix: (B, H_kv, n, D)
+    prefix_key, prefix_value = slot.prefix.provider(slot.layer, query.shape[0])
+    prefix_key, prefix_value = _batched(prefix_key, key), _batched(prefix_value, value)
     n = prefix_key.shape[2]
-    attention_mask = _widen_mask(attention_mask, module, query, key.shape[2], n)
-    key = torch.cat([prefix_key.to(key.dtype), key], dim=2)
-    value = torch.cat([prefix_value.to(value.dtype), value], dim=2)
+    attention_mask = slot.prefix.widen(attention_mask, module, query, key.shape[2], n)
+    key = torch.cat([prefix_key, key], dim=2)  # (B, H_kv, n + k, D)
+    value = torch.cat([prefix_value, value], dim=2)
     kwargs["is_causal"] = False  # the explicit mask carries causality
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
@@ -72,14 +115,17 @@ AttentionInterface.register(NAME, prefix_attention)
 AttentionMaskInterface.register(NAME, prefix_mask)
 
 
-def attach_kv_prefix(backbone, provider, layers: list[int] | None = None) -> Callable[[], None]:
+def attach_kv_prefix(backbone, provider: Provider, layers: list[int] | None = None) -> Callable[[], None]:
     """Install ``provider`` on the attention module of each layer; return the undo."""
     model = backbone.model
     before = model.config._attn_implementation
+    if before == NAME:
+        raise ConfigError(f"backbone {backbone.name!r} already carries a key/value prefix; remove it first")
+    prefix = _Prefix(provider)
     modules = []
     for i in layers if layers is not None else range(backbone.spec.layers):
         attention = backbone.site(i, "attention").module
-        attention.__dict__[_SLOT] = _Slot(provider, i)
+        attention.__dict__[_SLOT] = _Slot(prefix, i)
         modules.append(attention)
     model.set_attn_implementation(NAME)
 

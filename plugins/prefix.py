@@ -1,0 +1,145 @@
+"""Prefix tuning (Li & Liang 2021): n trained key/value vectors in front of every attention layer.
+
+During training the prefix is reparameterised by an MLP (the paper found direct training
+unstable)::
+
+    P = Linear(b, 2·L·kv_dim)(tanh(Linear(d, b)(E)))      E: (n, d) trained embeddings
+
+and reshaped to (L, 2, kv_heads, n, head_dim). ``finalize()`` evaluates the MLP once and keeps
+only that tensor (the MLP is dropped), which is what is saved and used for inference. With
+``reparameterize: false`` the flat tensor is trained directly (what P-tuning v2 does).
+
+The prefix reaches the attention through the core's key/value-prefix mechanism
+(``Injection.kv_prefix``): it is not placed in the KV cache, so generation with a cache and
+position ids of real tokens are unaffected. The MLP runs once per forward (not once per
+layer): a pre-hook on the base model computes all L layers' prefixes before the first layer,
+outside any layer's gradient-checkpointing region, and every layer reads its slice.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+from torch import nn
+
+import peftbench
+
+
+class PrefixTable(nn.Module):
+    """The per-layer keys and values: a (L, 2, kv_heads, n, head_dim) tensor, or an MLP that makes it."""
+
+    def __init__(self, spec: peftbench.BackboneSpec, n: int, hidden: int | None):
+        super().__init__()
+        self.shape = (spec.layers, 2, spec.kv_heads, n, spec.head_dim)
+        if hidden is None:
+            self.prefix = nn.Parameter(torch.randn(self.shape))
+        else:
+            self.embedding = nn.Parameter(torch.randn(n, spec.hidden))
+            out = 2 * spec.layers * spec.kv_dim
+            self.mlp = nn.Sequential(nn.Linear(spec.hidden, hidden), nn.Tanh(), nn.Linear(hidden, out))
+        self._keep(None)
+
+    def _keep(self, table: torch.Tensor | None) -> None:
+        """This forward's table, held as a plain attribute (never registered as a parameter)."""
+        self.__dict__["_current"] = table
+
+    @property
+    def reparameterized(self) -> bool:
+        return "mlp" in self._modules
+
+    def forward(self) -> torch.Tensor:
+        if not self.reparameterized:
+            return self.prefix
+        layers, _, kv_heads, n, head_dim = self.shape
+        flat = self.mlp(self.embedding)  # (n, L·2·kv_dim)
+        return flat.view(n, layers, 2, kv_heads, head_dim).permute(1, 2, 3, 0, 4)  # (L, 2, kv_heads, n, head_dim)
+
+    def key_value(self, layer: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The core's provider: this layer's (kv_heads, n, head_dim) key and value."""
+        if self._current is None:  # a layer called outside a base-model forward
+            self._keep(self())
+        return self._current[layer, 0], self._current[layer, 1]
+
+    def new_forward(self, *_args) -> None:
+        """Build this forward's table (a new autograd graph each forward). It is kept until the
+        next forward, so gradient checkpointing re-runs layers on the very same tensor."""
+        self._keep(self())
+
+    @torch.no_grad()
+    def flatten(self) -> None:
+        """Evaluate the MLP once and keep only its output as the trained tensor."""
+        if not self.reparameterized:
+            return
+        table = self().contiguous().clone()
+        del self.mlp, self.embedding
+        self.prefix = nn.Parameter(table)
+        self._keep(None)
+
+
+def attach_prefix(injection: peftbench.Injection, table: PrefixTable) -> PrefixTable:
+    """Hang ``table`` on the base model and feed it to every attention layer."""
+    base = injection.backbone.base_model
+    table.to(injection.backbone.embeddings().weight.device)
+    injection.attach(base, "prefix", table)
+    injection.add_hook(base, table.new_forward, pre=True)  # one table per base-model forward
+    injection.on_remove(lambda: table._keep(None))
+    injection.kv_prefix(table.key_value)
+    return table
+
+
+def kv_prefix_knob_range(spec: peftbench.BackboneSpec) -> tuple[int, int]:
+    """Prefix lengths 1 .. the model's context length."""
+    return 1, spec.max_positions
+
+
+class PrefixInjection(peftbench.Injection):
+    table: PrefixTable
+
+    def finalize(self) -> None:
+        self.table.flatten()
+        super().finalize()
+
+
+class Prefix(peftbench.Method):
+    name = "prefix"
+    aliases = ("prefix-tuning", "prefix_tuning")
+    knob = "n"
+    inserts = "n trained key/value vectors per attention layer (MLP-reparameterised while training)"
+    default_lr = 5e-3
+
+    class Config(peftbench.MethodConfig):
+        n: int = Field(10, ge=1, description="virtual tokens (prefix length)")
+        hidden: int | None = Field(None, ge=1, description="MLP width b; default min(512, hidden size)")
+        reparameterize: bool = True
+
+    def mlp_width(self, cfg, spec: peftbench.BackboneSpec) -> int | None:
+        if not cfg.reparameterize:
+            return None
+        return cfg.hidden if cfg.hidden is not None else min(512, spec.hidden)
+
+    def knob_range(self, cfg, spec):
+        return kv_prefix_knob_range(spec)
+
+    def param_count(self, cfg, spec):
+        b = self.mlp_width(cfg, spec)
+        if b is None:
+            return self.stored_count(cfg, spec)
+        # n·d (embeddings) + d·b + b (first linear) + b·(2·L·kv_dim) + 2·L·kv_dim (second linear)
+        out = 2 * spec.layers * spec.kv_dim
+        return cfg.n * spec.hidden + spec.hidden * b + b + b * out + out
+
+    def stored_count(self, cfg, spec):
+        # after finalize(): L · 2 · n · kv_dim (kv_dim = kv_heads · head_dim)
+        return spec.layers * 2 * cfg.n * spec.kv_dim
+
+    def inject(self, backbone, cfg):
+        self.check(cfg, backbone.spec)
+        injection = PrefixInjection(backbone, self, cfg)
+        table = PrefixTable(backbone.spec, cfg.n, self.mlp_width(cfg, backbone.spec))
+        injection.table = attach_prefix(injection, table)
+        return injection
+
+
+@peftbench.hookimpl
+def register_methods(register):
+    register(Prefix)

@@ -1,0 +1,89 @@
+"""P-tuning (Liu et al. 2021, v1): n virtual tokens at the input, produced by a prompt encoder.
+
+    P = encoder(E)        E: (n, d) trained embeddings, P: (n, d) prepended to the input
+
+``encoder: mlp``:  Linear(d, h) -> ReLU -> Linear(h, h) -> ReLU -> Linear(h, d)
+``encoder: lstm``: a 2-layer bidirectional LSTM (width h) -> Linear(2h, 2h) -> ReLU -> Linear(2h, d)
+
+(the structure peft's PromptEncoder uses, so weights map one to one). The encoder runs once
+per forward on the n tokens and the result is shared by the batch. The prompt enters the
+model like prompt tuning's (see ``peftbench_plugins.prompt``: left-pad decoders).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+import peftbench
+
+from .prompt import attach_input_prompt, input_prompt_knob_range
+
+
+class PromptEncoder(nn.Module):
+    def __init__(self, n: int, d: int, hidden: int, encoder: str):
+        super().__init__()
+        self.embedding = nn.Parameter(torch.randn(n, d))
+        if encoder == "lstm":
+            self.lstm = nn.LSTM(d, hidden, num_layers=2, bidirectional=True, batch_first=True)
+            self.mlp = nn.Sequential(nn.Linear(2 * hidden, 2 * hidden), nn.ReLU(), nn.Linear(2 * hidden, d))
+        else:
+            self.mlp = nn.Sequential(
+                nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, d)
+            )
+
+    def forward(self) -> torch.Tensor:
+        x = self.embedding  # (n, d)
+        if "lstm" in self._modules:
+            x = self.lstm(x.unsqueeze(0))[0].squeeze(0)  # (1, n, d) -> (1, n, 2h) -> (n, 2h)
+        return self.mlp(x)  # (n, d)
+
+
+class PTuning(peftbench.Method):
+    name = "ptuning"
+    aliases = ("p-tuning",)
+    knob = "n"
+    inserts = "n input virtual tokens produced by a prompt encoder (MLP or LSTM)"
+    default_lr = 3e-3
+
+    class Config(peftbench.MethodConfig):
+        n: int = Field(20, ge=1, description="virtual tokens")
+        encoder: Literal["mlp", "lstm"] = "mlp"
+        hidden: int | None = Field(None, ge=1, description="encoder width h; default the hidden size d")
+
+    def width(self, cfg, spec) -> int:
+        return cfg.hidden if cfg.hidden is not None else spec.hidden
+
+    def knob_range(self, cfg, spec):
+        return input_prompt_knob_range(spec)
+
+    def param_count(self, cfg, spec):
+        d, h = spec.hidden, self.width(cfg, spec)
+        if cfg.encoder == "lstm":
+            # LSTM layer 1 (input d), both directions: 2·(4h·d + 4h·h + 8h)
+            # LSTM layer 2 (input 2h), both directions: 2·(4h·2h + 4h·h + 8h)
+            # head: Linear(2h, 2h) + Linear(2h, d): 4h² + 2h + 2h·d + d
+            lstm = 2 * (4 * h * d + 4 * h * h + 8 * h) + 2 * (8 * h * h + 4 * h * h + 8 * h)
+            encoder = lstm + 4 * h * h + 2 * h + 2 * h * d + d
+        else:
+            # Linear(d, h) + Linear(h, h) + Linear(h, d): d·h + h + h² + h + h·d + d
+            encoder = 2 * d * h + h * h + 2 * h + d
+        return cfg.n * d + encoder  # + n·d embeddings
+
+    def inject(self, backbone, cfg):
+        self.check(cfg, backbone.spec)
+        spec = backbone.spec
+        injection = peftbench.Injection(backbone, self, cfg)
+        encoder = PromptEncoder(cfg.n, spec.hidden, self.width(cfg, spec), cfg.encoder)
+        encoder.to(backbone.embeddings().weight.device)
+        injection.attach(backbone.base_model, "prompt_encoder", encoder)
+        attach_input_prompt(injection, encoder, cfg.n)
+        return injection
+
+
+@peftbench.hookimpl
+def register_methods(register):
+    register(PTuning)
