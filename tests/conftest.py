@@ -64,6 +64,26 @@ def tiny_batch(batch: int = 3, length: int = 7, seed: int = 1, pad: bool = True,
     return {"input_ids": ids, "attention_mask": mask}
 
 
+DECODERS = ("gpt2", "llama")
+
+
+def padded(arch: str, **kwargs):
+    """tiny_batch with row 1 padded by 2: on the right for encoders, on the left for decoders."""
+    return tiny_batch(left=arch in DECODERS, **kwargs)
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip left padding (what generate computes)."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def inject(registry, backbone, method: str, **cfg):
+    """Freeze ``backbone`` and inject ``method`` with ``cfg``; returns (method, injection)."""
+    backbone.freeze()
+    m = registry.method(method)
+    return m, m.inject(backbone, m.config(**cfg))
+
+
 def batch_for(backbone, **kwargs):
     """A padded batch the way the runner pads this backbone (decoders on the left)."""
     return tiny_batch(left=backbone.spec.is_decoder, **kwargs)

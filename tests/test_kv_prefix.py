@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import VOCAB, tiny_backbone, tiny_batch
+from conftest import DECODERS, VOCAB, inject, padded, positions, tiny_backbone, tiny_batch
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
@@ -19,18 +19,7 @@ from transformers.masking_utils import sdpa_mask
 import peftbench
 from peftbench.kv_prefix import attach_kv_prefix
 
-DECODERS = ("gpt2", "llama")
 KV_METHODS = ("prefix", "ptuning_v2")
-
-
-def padded(arch: str, **kwargs):
-    """tiny_batch with row 1 padded by 2: on the right for encoders, on the left for decoders."""
-    return tiny_batch(left=arch in DECODERS, **kwargs)
-
-
-def positions(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that skip left padding (what generate computes)."""
-    return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
 def with_positions(arch: str, data: dict) -> dict:
@@ -41,12 +30,6 @@ def with_positions(arch: str, data: dict) -> dict:
 
 def hidden(backbone, data) -> torch.Tensor:
     return backbone.base_model(**data).last_hidden_state
-
-
-def inject(registry, backbone, method: str, **cfg):
-    backbone.freeze()
-    m = registry.method(method)
-    return m, m.inject(backbone, m.config(**cfg))
 
 
 # -- the core mechanism ------------------------------------------------------------------

@@ -12,32 +12,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_backbone, tiny_batch
+from conftest import DECODERS, inject, padded, positions, tiny_backbone, tiny_batch
 
 import peftbench
 
-DECODERS = ("gpt2", "llama")
 PROMPT_METHODS = [
     ("prompt", {}), ("prompt", {"init": "random"}), ("ptuning", {}), ("ptuning", {"encoder": "lstm", "hidden": 16}),
 ]
 CASES = [("bert", "classification"), ("roberta", "classification"), ("distilbert", "classification"),
          ("gpt2", "classification"), ("gpt2", "causal_lm"), ("llama", "classification"), ("llama", "causal_lm")]
-
-
-def padded(arch: str, **kwargs):
-    """tiny_batch with row 1 padded by 2: on the right for encoders, on the left for decoders."""
-    return tiny_batch(left=arch in DECODERS, **kwargs)
-
-
-def positions(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that skip left padding (what generate computes)."""
-    return (mask.cumsum(-1) - 1).clamp(min=0)
-
-
-def inject(registry, backbone, method: str, **cfg):
-    backbone.freeze()
-    m = registry.method(method)
-    return m, m.inject(backbone, m.config(**cfg))
 
 
 def owned(injection) -> torch.nn.Module:
