@@ -211,7 +211,11 @@ def build_groups(rows: list[dict]) -> list[Group]:
             for m in with_values:
                 m.summary = stats.Summary(m.method if m.knob_value is None else f"{m.method}:{m.knob_value}",
                                           m.values(primary))
-            stats.rank([m.summary for m in with_values], direction)
+            # budget-matched methods compete; baselines the budget doesn't apply to (full, head) are tested
+            # against the best of them but not ranked (a table of baselines only ranks the baselines)
+            matched = [m.summary for m in with_values if not is_reference(m.first)]
+            refs = [m.summary for m in with_values if is_reference(m.first)]
+            stats.rank(matched or refs, direction, refs if matched else [])
             groups.append(Group(task, backbone, budget, primary, direction, methods))
     return groups
 
@@ -252,6 +256,16 @@ def _find(config, keys: tuple[str, ...], depth: int = 0):
     return None
 
 
+def _order_key(m: MethodResult, direction: str) -> tuple:
+    """Ranked methods by rank, then unranked baselines by metric (best first), then methods with no value."""
+    s = m.summary
+    if s is None:
+        return (2, 0.0, m.method)
+    if s.rank is None:
+        return (1, (-1 if stats.direction_of(direction) == "max" else 1) * s.mean, m.method)
+    return (0, s.rank, m.method)
+
+
 def results_table(g: Group) -> tuple[list[str], list[str]]:
     """The quality table of one group and its notes."""
     done = [m for m in g.methods if m.done]
@@ -261,7 +275,7 @@ def results_table(g: Group) -> tuple[list[str], list[str]]:
     headers = ["Method", "Knob", "Trainable", "Achieved", "Δ target", "Head", "Seeds",
                f"{g.primary} (mean ± std)", "95% CI", *metric_names, "Rank", "vs best (Welch)"]
     rows, notes, flagged, references = [], [], [], []
-    order = sorted(done, key=lambda m: (m.summary.rank if m.summary else math.inf, m.method))
+    order = sorted(done, key=lambda m: _order_key(m, g.direction))
     for m in order:
         r, s = m.first, m.summary
         flag, step, estimated = off_budget(m)
@@ -282,7 +296,7 @@ def results_table(g: Group) -> tuple[list[str], list[str]]:
         else:
             main = fmt_num(s.mean, d) + (f" ± {fmt_num(s.std, d)}" if s.std is not None else "")
             interval = f"[{fmt_num(s.ci[0], d)}, {fmt_num(s.ci[1], d)}]" if s.ci else "—"
-            rank = str(s.rank)
+            rank = str(s.rank) if s.rank is not None else "ref"
             versus = (stats.mark(s) + " " + fmt_p(s.p_vs_best)).strip()
         others = []
         for name in metric_names:
@@ -321,7 +335,7 @@ def results_table(g: Group) -> tuple[list[str], list[str]]:
 
 def costs_table(g: Group) -> list[str]:
     done = [m for m in g.methods if m.done]
-    order = sorted(done, key=lambda m: (m.summary.rank if m.summary else math.inf, m.method))
+    order = sorted(done, key=lambda m: _order_key(m, g.direction))
     quant = any(r.get("quantized_bytes") is not None for m in done for r in m.done)
     lrs = {id(m): _find(m.first.get("config"), ("lr", "learning_rate")) for m in done}
     show_lr = any(v is not None for v in lrs.values())
@@ -396,7 +410,8 @@ def setup_section(suite: str, rows: list[dict], groups: list[Group], info: dict)
         f"- **Seeds:** {seeds_text}",
         "- **Statistics:** mean ± sample standard deviation over seeds; 95% CI = mean ± t(0.975, n−1)·s/√n "
         f"(Student's t). Significance: two-sided Welch's t-test (unequal variances) of each method's seeds against "
-        f"the best method's seeds in the same table, level α = {stats.ALPHA}, no correction for multiple "
+        f"the best budget-matched method's seeds in the same table (baselines outside the budget, marked `ref` in the Rank "
+        f"column, are compared with it but not ranked), level α = {stats.ALPHA}, no correction for multiple "
         "comparisons. `*` = differs from the best, `n.s.` = not significant, `—` = fewer than 2 seeds on a side.",
         f"- **Trials:** {len(rows)}" + (f" ({', '.join(f'{n} {s}' for s, n in sorted(statuses.items()))})" if rows else ""),
     ]

@@ -86,11 +86,12 @@ class Summary:
         return len(self.values)
 
 
-def rank(summaries: list[Summary], direction: str) -> list[Summary]:
+def rank(summaries: list[Summary], direction: str, references: list[Summary] = ()) -> list[Summary]:
     """Competition ranks (1, 2, 2, 4) by mean in the task's direction, then Welch vs rank 1.
 
     The best is the first by mean (ties: first by key). Every other summary gets the
-    p-value of Welch's test against the best's seeds.
+    p-value of Welch's test against the best's seeds. ``references`` (baselines outside the
+    budget, e.g. full fine-tuning) are tested against that best too but get no rank.
     """
     sign = -1 if direction_of(direction) == "max" else 1
     ordered = sorted(summaries, key=lambda s: (sign * s.mean, s.key))
@@ -99,7 +100,7 @@ def rank(summaries: list[Summary], direction: str) -> list[Summary]:
         s.best = i == 0
     if ordered:
         top = ordered[0]
-        for s in ordered[1:]:
+        for s in [*ordered[1:], *references]:
             s.p_vs_best = welch(top.values, s.values)
     return ordered
 
