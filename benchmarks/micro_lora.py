@@ -1,0 +1,80 @@
+"""One LoRA linear, forward + backward: frozen layer vs the module path vs the fused function.
+
+    python benchmarks/micro_lora.py                      # minilm's q/v shape: 16 x 128 tokens, 384 -> 384, r 12
+    python benchmarks/micro_lora.py --d-in 768 --d-out 768 --r 8 --reps 400
+
+Interleaved in one process (every rep runs the three contenders, order rotated), torch
+threads fixed (default 1; then the clock is the thread's CPU time, which a busy machine's
+descheduling does not inflate; with more threads, wall time); prints medians and the medians of per-rep ratios to the frozen
+layer, so machine drift hits all three alike. The input requires grad, as inside a model
+whose lower layers train, so every contender computes the input gradient.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", type=int, default=16 * 128)
+    p.add_argument("--d-in", type=int, default=384)
+    p.add_argument("--d-out", type=int, default=384)
+    p.add_argument("--r", type=int, default=12)
+    p.add_argument("--reps", type=int, default=200)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from peftbench_plugins.lora import LoRALinear
+
+    torch.manual_seed(0)
+    base = nn.Linear(args.d_in, args.d_out).requires_grad_(False)
+    lora = LoRALinear(base, args.r, 2.0 * args.r)
+    nn.init.normal_(lora.lora_B.weight, std=0.02)
+    x = torch.randn(args.tokens // 128, 128, args.d_in, requires_grad=True)
+    g = torch.randn(args.tokens // 128, 128, args.d_out)
+
+    def frozen():
+        base(x).backward(g)
+
+    def module_path():
+        lora.fused = False  # what forward did before the fused function
+        try:
+            lora(x).backward(g)
+        finally:
+            lora.fused = True
+
+    def fused():
+        lora(x).backward(g)
+
+    contenders = {"frozen": frozen, "module path": module_path, "fused": fused}
+    times: dict[str, list[float]] = {k: [] for k in contenders}
+    names = list(contenders)
+    clock = time.thread_time if args.threads == 1 else time.perf_counter
+    for rep in range(args.reps + 10):
+        shift = rep % len(names)
+        for name in names[shift:] + names[:shift]:
+            x.grad = None
+            lora.zero_grad(set_to_none=True)
+            t0 = clock()
+            contenders[name]()
+            dt = clock() - t0
+            if rep >= 10:  # warm-up
+                times[name].append(dt)
+    floor = times["frozen"]
+    print(f"tokens {args.tokens}, {args.d_in} -> {args.d_out}, r {args.r}, {args.threads} thread(s), {args.reps} reps")
+    for name in names:
+        ratio = statistics.median(a / b for a, b in zip(times[name], floor))
+        print(f"  {name:12s} median {1e3 * statistics.median(times[name]):7.3f} ms   x{ratio:.3f} the frozen layer")
+    ratio = statistics.median(a / b for a, b in zip(times["fused"], times["module path"]))
+    print(f"  fused / module path: x{ratio:.3f}")
+
+
+if __name__ == "__main__":
+    main()
