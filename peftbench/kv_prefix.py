@@ -44,7 +44,8 @@ class _Prefix:
 
     def widen(self, mask: torch.Tensor | None, module, query: torch.Tensor, key_len: int, n: int) -> torch.Tensor:
         q_len = query.shape[2]
-        version = None if mask is None else mask._version
+        # inference tensors (torch.inference_mode) keep no version counter: identity alone
+        version = None if mask is None or mask.is_inference() else mask._version
         memo = self._memo
         # the memo holds the input mask, so its id cannot be reused while it is cached
         if memo is not None and memo[0] is mask and memo[1:5] == (version, n, q_len, key_len):

@@ -13,7 +13,11 @@ The prefix reaches the attention through the core's key/value-prefix mechanism
 (``Injection.kv_prefix``): it is not placed in the KV cache, so generation with a cache and
 position ids of real tokens are unaffected. The MLP runs once per forward (not once per
 layer): a pre-hook on the base model computes all L layers' prefixes before the first layer,
-outside any layer's gradient-checkpointing region, and every layer reads its slice.
+outside any layer's gradient-checkpointing region, and splits the table once into its 2·L
+key and value views (one ``unbind``, whose backward is one ``stack``; per-layer indexing
+would cost 2·L full-size zero tensors and adds in backward); every layer reads its pair.
+Without gradients (evaluation, inference, the flattened table) the split table is cached
+until a parameter changes (in place, on another device, or replaced).
 """
 
 from __future__ import annotations
@@ -37,11 +41,13 @@ class PrefixTable(nn.Module):
             self.embedding = nn.Parameter(torch.randn(n, spec.hidden))
             out = 2 * spec.layers * spec.kv_dim
             self.mlp = nn.Sequential(nn.Linear(spec.hidden, hidden), nn.Tanh(), nn.Linear(hidden, out))
-        self._keep(None)
+        self._clear()
 
-    def _keep(self, table: torch.Tensor | None) -> None:
-        """This forward's table, held as a plain attribute (never registered as a parameter)."""
-        self.__dict__["_current"] = table
+    def _clear(self) -> None:
+        """Drop this forward's split table and the gradient-free cache (plain attributes, never
+        registered as parameters or buffers)."""
+        self.__dict__["_current"] = None  # this forward's 2·L key/value views
+        self.__dict__["_cached"] = None  # (parameter state, views, parameters) of the last gradient-free split
 
     @property
     def reparameterized(self) -> bool:
@@ -54,16 +60,30 @@ class PrefixTable(nn.Module):
         flat = self.mlp(self.embedding)  # (n, L·2·kv_dim)
         return flat.view(n, layers, 2, kv_heads, head_dim).permute(1, 2, 3, 0, 4)  # (L, 2, kv_heads, n, head_dim)
 
+    def split(self) -> tuple[torch.Tensor, ...]:
+        """The table as 2·L views (layer i: key 2i, value 2i + 1), each (kv_heads, n, head_dim)."""
+        layers, _, kv_heads, n, head_dim = self.shape
+        if torch.is_grad_enabled():
+            return self().reshape(2 * layers, kv_heads, n, head_dim).unbind(0)
+        state = (torch.is_inference_mode_enabled(), *((id(p), p._version, p.data_ptr()) for p in self.parameters()))
+        cached = self._cached
+        if cached is None or cached[0] != state:
+            parts = self().reshape(2 * layers, kv_heads, n, head_dim).unbind(0)
+            # the parameters are held too, so their ids cannot be reused while the entry lives
+            cached = self.__dict__["_cached"] = (state, parts, list(self.parameters()))
+        return cached[1]
+
     def key_value(self, layer: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The core's provider: this layer's (kv_heads, n, head_dim) key and value."""
         if self._current is None:  # a layer called outside a base-model forward
-            self._keep(self())
-        return self._current[layer, 0], self._current[layer, 1]
+            self.__dict__["_current"] = self.split()
+        return self._current[2 * layer], self._current[2 * layer + 1]
 
     def new_forward(self, *_args) -> None:
-        """Build this forward's table (a new autograd graph each forward). It is kept until the
-        next forward, so gradient checkpointing re-runs layers on the very same tensor."""
-        self._keep(self())
+        """Build this forward's split table (a new autograd graph each forward while training).
+        It is kept until the next forward, so gradient checkpointing re-runs layers on the very
+        same tensors."""
+        self.__dict__["_current"] = self.split()
 
     @torch.no_grad()
     def flatten(self) -> None:
@@ -73,7 +93,7 @@ class PrefixTable(nn.Module):
         table = self().contiguous().clone()
         del self.mlp, self.embedding
         self.prefix = nn.Parameter(table)
-        self._keep(None)
+        self._clear()
 
 
 def attach_prefix(injection: peftbench.Injection, table: PrefixTable) -> PrefixTable:
@@ -82,7 +102,7 @@ def attach_prefix(injection: peftbench.Injection, table: PrefixTable) -> PrefixT
     table.to(injection.backbone.embeddings().weight.device)
     injection.attach(base, "prefix", table)
     injection.add_hook(base, table.new_forward, pre=True)  # one table per base-model forward
-    injection.on_remove(lambda: table._keep(None))
+    injection.on_remove(lambda: table._clear())
     injection.kv_prefix(table.key_value)
     return table
 

@@ -190,6 +190,39 @@ def test_mlp_runs_once_per_forward_and_trains(registry):
     assert sorted(k.rsplit(".", 1)[-1] for k in injection.state_dict()) == ["bias", "bias", "embedding", "weight", "weight"]
 
 
+def test_table_is_split_once_and_cached_without_gradients(registry):
+    """One unbind per forward; without gradients the table is reused until a parameter changes."""
+    backbone = tiny_backbone("bert")
+    _, injection = inject(registry, backbone, "prefix", n=3, hidden=8)
+    table = injection.table
+    calls = []
+    table.mlp.register_forward_hook(lambda *a: calls.append(1))
+    data = padded("bert")
+    with torch.no_grad():
+        first = backbone.model(**data).logits
+        assert torch.equal(backbone.model(**data).logits, first) and len(calls) == 1  # cached
+        table.embedding.add_(0.5)  # in place (as an optimiser step): the cache is stale
+        changed = backbone.model(**data).logits
+    assert len(calls) == 2 and not torch.allclose(changed, first)
+    backbone.model(**data).logits.sum().backward()  # with gradients: a fresh graph, never the cache
+    backbone.model(**data).logits.sum().backward()
+    assert len(calls) == 4 and table.embedding.grad.abs().sum() > 0
+    parts = table._current
+    assert len(parts) == 2 * backbone.spec.layers and parts[0].grad_fn is parts[-1].grad_fn  # one split node
+    injection.finalize()  # the flattened table: cached likewise, invalidated by load_state_dict
+    with torch.no_grad():
+        flat = backbone.model(**data).logits
+        torch.testing.assert_close(flat, changed, atol=1e-6, rtol=0)
+        injection.load_state_dict({k: v + 1.0 for k, v in injection.state_dict().items()})
+        assert not torch.allclose(backbone.model(**data).logits, flat)
+    with torch.inference_mode():  # built in inference mode; a later no_grad forward rebuilds its own
+        backbone.model(**data)
+    with torch.no_grad():
+        backbone.model(**data)
+    backbone.model(**data).logits.sum().backward()
+    assert table.prefix.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("method", KV_METHODS)
 def test_gradient_checkpointing_gives_the_same_gradients(registry, method):
     """Checkpointed layers re-run on the forward's prefix tensor, not on a recomputed one."""
