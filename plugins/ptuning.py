@@ -8,6 +8,10 @@
 (the structure peft's PromptEncoder uses, so weights map one to one). The encoder runs once
 per forward on the n tokens and the result is shared by the batch. The prompt enters the
 model like prompt tuning's (see ``peftbench_plugins.prompt``: left-pad decoders).
+
+``finalize()`` evaluates the encoder once and keeps only its output P (n, d): the encoder
+and E are dropped, so what is saved (and counted by ``stored_count``) is n·d values, and
+loading a finalized checkpoint reproduces the outputs exactly.
 """
 
 from __future__ import annotations
@@ -35,11 +39,37 @@ class PromptEncoder(nn.Module):
                 nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, d)
             )
 
+    @property
+    def flattened(self) -> bool:
+        return "mlp" not in self._modules
+
     def forward(self) -> torch.Tensor:
+        if self.flattened:
+            return self.prompt  # (n, d)
         x = self.embedding  # (n, d)
         if "lstm" in self._modules:
             x = self.lstm(x.unsqueeze(0))[0].squeeze(0)  # (1, n, d) -> (1, n, 2h) -> (n, 2h)
         return self.mlp(x)  # (n, d)
+
+    @torch.no_grad()
+    def flatten(self) -> None:
+        """Evaluate the encoder once and keep only its output P (n, d) as the trained tensor."""
+        if self.flattened:
+            return
+        prompt = self().contiguous().clone()
+        for name in ("lstm", "mlp"):
+            if name in self._modules:
+                delattr(self, name)
+        del self.embedding
+        self.prompt = nn.Parameter(prompt)
+
+
+class PTuningInjection(peftbench.Injection):
+    encoder: PromptEncoder
+
+    def finalize(self) -> None:
+        self.encoder.flatten()
+        super().finalize()
 
 
 class PTuning(peftbench.Method):
@@ -73,13 +103,17 @@ class PTuning(peftbench.Method):
             encoder = 2 * d * h + h * h + 2 * h + d
         return cfg.n * d + encoder  # + n·d embeddings
 
+    def stored_count(self, cfg, spec):
+        # after finalize(): the encoder's output P, n · d
+        return cfg.n * spec.hidden
+
     def inject(self, backbone, cfg):
         self.check(cfg, backbone.spec)
         spec = backbone.spec
-        injection = peftbench.Injection(backbone, self, cfg)
+        injection = PTuningInjection(backbone, self, cfg)
         encoder = PromptEncoder(cfg.n, spec.hidden, self.width(cfg, spec), cfg.encoder)
         encoder.to(backbone.embeddings().weight.device)
-        injection.attach(backbone.base_model, "prompt_encoder", encoder)
+        injection.encoder = injection.attach(backbone.base_model, "prompt_encoder", encoder)
         attach_input_prompt(injection, encoder, cfg.n)
         return injection
 

@@ -203,6 +203,35 @@ def test_save_and_load(registry, tmp_path, method):
         assert torch.equal(fresh.model(**data).logits, expected)
 
 
+@pytest.mark.parametrize("encoder", ["mlp", "lstm"])
+def test_ptuning_finalize_stores_only_the_prompt(registry, tmp_path, encoder):
+    """finalize() keeps the encoder's output P (n, d) only: outputs unchanged, n·d values saved
+    (= stored_count), the file a fraction of the encoder's, and loading reproduces the outputs."""
+    backbone = tiny_backbone("llama", task="causal_lm")
+    m, injection = inject(registry, backbone, "ptuning", n=3, encoder=encoder)
+    data = padded("llama")
+    with torch.no_grad():
+        before = backbone.model(**data).logits
+    injection.save(tmp_path / "encoder")
+    injection.finalize()
+    with torch.no_grad():
+        after = backbone.model(**data).logits
+    torch.testing.assert_close(after, before, atol=1e-6, rtol=0)
+    state = injection.state_dict()
+    assert [tuple(t.shape) for t in state.values()] == [(3, backbone.spec.hidden)]
+    assert sum(t.numel() for t in state.values()) == m.stored_count(injection.config, backbone.spec) == 3 * 32
+    assert backbone.count_trainable() == 3 * 32  # P is what trains on, if training continues
+    injection.save(tmp_path / "final", include_head=False)
+    small = (tmp_path / "final" / "adapter_model.safetensors").stat().st_size
+    assert small < 3 * 32 * 4 + 1024 < (tmp_path / "encoder" / "adapter_model.safetensors").stat().st_size
+    fresh = tiny_backbone("llama", task="causal_lm", seed=0)
+    fresh.freeze()
+    loaded = peftbench.load_injection(fresh, tmp_path / "final")
+    assert loaded.finalized and loaded.encoder.flattened
+    with torch.no_grad():
+        assert torch.equal(fresh.model(**data).logits, after)
+
+
 def test_bad_input_names_method_field_and_range(registry):
     backbone = tiny_backbone("bert")  # max_position_embeddings = 64: prompts of 1..32
     for method in ("prompt", "ptuning"):
