@@ -114,6 +114,26 @@ class TrainingConfig(_Strict):
         return value
 
 
+_RAY_ADDRESS = re.compile(r"^(auto|ray://[^\s/:]+:\d+|[^\s/:]+:\d+)$")
+
+
+class RayConfig(_Strict):
+    """``executor: ray``: the cluster to join and what one trial reserves there."""
+
+    address: str | None = Field(None, description="auto (a running cluster), ray://HOST:PORT, HOST:PORT; "
+                                                   "null: start a local Ray")
+    gpus_per_trial: float | None = Field(None, ge=0, description="GPUs one trial reserves (fractions share a GPU); "
+                                                                  "null: 1 where the cluster has GPUs and the device allows, else 0")
+    cpus_per_trial: float = Field(1, gt=0, description="CPUs one trial reserves (also its torch threads)")
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value):
+        if value is not None and not _RAY_ADDRESS.match(value):
+            raise ValueError(f"Ray address {value!r} is not one of auto, ray://HOST:PORT, HOST:PORT")
+        return value
+
+
 class SuiteConfig(_Strict):
     """A grid: tasks x backbones x methods x budgets x seeds, plus how each trial trains."""
 
@@ -125,7 +145,9 @@ class SuiteConfig(_Strict):
     methods: list[MethodEntry] | None = None
     budgets: list[str] = Field(default_factory=lambda: [DEFAULT_BUDGET], min_length=1)
     seeds: int | list[int] = DEFAULT_SEEDS
-    executor: Literal["local"] = "local"
+    executor: Literal["local", "ray"] = Field("local", description="where trials run: local (in this process) or ray")
+    ray: RayConfig = Field(default_factory=lambda: RayConfig())
+    artifacts_dir: str | None = Field(None, description="trial artifacts: a folder or an fsspec URL (default: OUT/SUITE/trials)")
     training: TrainingConfig = Field(default_factory=TrainingConfig)
 
     @field_validator("tasks", "methods", mode="before")
@@ -196,7 +218,7 @@ class SuiteConfig(_Strict):
 
     def hash(self) -> str:
         """What identifies the suite's results (run-only options such as device left out)."""
-        data = self.model_dump(mode="json", exclude={"suite", "out", "executor"})
+        data = self.model_dump(mode="json", exclude=set(SUITE_RUN_ONLY))
         for key in RUN_ONLY:
             data["training"].pop(key, None)
         return hashlib.sha256(canonical_json(data).encode()).hexdigest()[:16]
@@ -204,6 +226,8 @@ class SuiteConfig(_Strict):
 
 #: training options that change how a trial runs, not what it computes (left out of ids and hashes)
 RUN_ONLY = ("device", "threads", "save_weights")
+#: suite fields that say where and how the grid runs, not what it computes (left out of the hash)
+SUITE_RUN_ONLY = ("suite", "out", "executor", "ray", "artifacts_dir")
 
 
 def canonical_json(data: Any) -> str:

@@ -3,7 +3,11 @@
 Every trial has one row in ``<out>/<suite>/results.sqlite``; a rerun skips finished rows, so
 a killed run resumes and loses only the trial in flight. Only this driver writes the store:
 an executor only runs ``execute_trial(payload)`` (``local``: in this process, one at a time;
-a distributed executor, e.g. Ray, runs the same function elsewhere with the same callbacks).
+``ray``: one Ray task per trial, anywhere on a cluster) and calls back here.
+
+Under ``torchrun``/``accelerate launch`` every rank runs the same trials in the same order
+(rank 0 decides which are pending and broadcasts them); only rank 0 writes the suite folder,
+the store, the artifacts and the report.
 """
 
 from __future__ import annotations
@@ -12,16 +16,18 @@ import argparse
 import json
 import os
 import shlex
-import shutil
 import sys
-import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from .config import RUN_ONLY, SuiteConfig, merge, validate_suite
+from .config import RUN_ONLY, SUITE_RUN_ONLY, SuiteConfig, merge, validate_suite
 from .errors import ConfigError, PeftbenchError
+from .executors import (EXECUTORS, LocalExecutor, RayExecutor, broadcast_from_main, check_artifacts_dir,
+                        clear_artifacts, execute_trial, import_ray, RAY_INSTALL, init_distributed, make_executor, rank_and_world)
 from .grid import Plan, Trial, finish_suite, make_plan, print_plan
+
+__all__ = ["EXECUTORS", "LocalExecutor", "RayExecutor", "execute_trial", "main_run", "run_plan"]
 
 SUITE_FILE = "suite.json"
 STORE_FILE = "results.sqlite"
@@ -38,7 +44,7 @@ def _diff(old, new, path: str = "") -> list[str]:
 
 
 def _identity(suite: SuiteConfig) -> dict:
-    data = suite.model_dump(mode="json", exclude={"suite", "out", "executor"})
+    data = suite.model_dump(mode="json", exclude=set(SUITE_RUN_ONLY))
     for key in RUN_ONLY:
         data["training"].pop(key, None)
     return data
@@ -88,45 +94,17 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-# -- executing -------------------------------------------------------------------------------
-def execute_trial(payload: dict) -> dict:
-    """Run one trial, never raising for the trial's own errors: {status, error, result}."""
-    from .train import Diverged
-    from .trial import run_trial
+# -- executing (executors.py holds execute_trial and the executors) ------------------------
+def run_plan(plan: Plan, store, suite_dir: Path, executor, quiet: bool = False, artifacts: str | None = None,
+             announce: Callable[[list[str]], None] | None = None) -> dict[str, int]:
+    """Record unreachable rows, run the trials not finished yet; returns counts by status.
 
-    try:
-        return {"status": "done", "error": None, "result": run_trial(payload)}
-    except Diverged as exc:
-        return {"status": "diverged", "error": str(exc), "result": exc.result}
-    except Exception as exc:  # noqa: BLE001 - any failure is recorded and the grid goes on
-        tb = traceback.format_exc()
-        if payload.get("artifacts"):
-            directory = Path(payload["artifacts"])
-            directory.mkdir(parents=True, exist_ok=True)
-            (directory / "error.txt").write_text(tb)
-        where = traceback.extract_tb(exc.__traceback__)[-1]
-        return {"status": "failed", "error": f"{type(exc).__name__}: {exc} (at {Path(where.filename).name}:{where.lineno})",
-                "result": {"artifacts": payload["artifacts"]} if payload.get("artifacts") else {}}
-
-
-class LocalExecutor:
-    """One trial at a time, in this process."""
-
-    name = "local"
-
-    def run(self, trials: list[Trial], on_start: Callable[[Trial], None], on_done: Callable[[Trial, dict], None]) -> None:
-        for trial in trials:
-            on_start(trial)
-            on_done(trial, execute_trial(trial.payload))
-
-
-#: ``--executor`` choices; ``ray`` joins them later (same interface)
-EXECUTORS: dict[str, Callable[..., object]] = {"local": LocalExecutor}
-
-
-def run_plan(plan: Plan, store, suite_dir: Path, executor, quiet: bool = False) -> dict[str, int]:
-    """Record unreachable rows, run the trials not finished yet; returns counts by status."""
+    ``artifacts``: the folder or URL that holds one folder per trial (default: ``suite_dir/trials``);
+    ``announce(pending_ids)`` is called once the pending trials are known, before any runs.
+    """
     from tqdm.auto import tqdm
+
+    root = artifacts.rstrip("/") if artifacts else str(suite_dir / "trials")
 
     counts = {"skipped": 0, "done": 0, "failed": 0, "diverged": 0, "unreachable": 0}
     for trial in plan.unreachable:
@@ -138,17 +116,20 @@ def run_plan(plan: Plan, store, suite_dir: Path, executor, quiet: bool = False) 
         if store.is_done(trial.trial_id):
             counts["skipped"] += 1
             continue
-        trial.payload["artifacts"] = str(suite_dir / "trials" / trial.trial_id)
+        trial.payload["artifacts"] = f"{root}/{trial.trial_id}"
         trial.payload["quiet"] = quiet
         trial.payload["training"] = {**trial.payload["training"], **_run_options(plan.suite)}
         pending.append(trial)
+    prepare = getattr(executor, "prepare", None)
+    if prepare is not None:
+        prepare(pending)
+    if announce is not None:
+        announce([t.trial_id for t in pending])
     bar = tqdm(total=len(plan.trials), initial=counts["skipped"], desc=f"suite {plan.name}", position=0,
                disable=quiet, dynamic_ncols=True, unit="trial")
 
     def on_start(trial: Trial) -> None:
-        directory = Path(trial.payload["artifacts"])
-        if directory.exists():  # leftovers of a killed or failed attempt
-            shutil.rmtree(directory)
+        clear_artifacts(trial.payload["artifacts"])  # leftovers of a killed or failed attempt
         store.start(trial.row)
         bar.set_postfix_str(trial.label, refresh=True)
 
@@ -233,7 +214,21 @@ def add_run_arguments(parser) -> None:
     o.add_argument("--out", metavar="DIR", help="folder holding the suites (default: reports)")
     o.add_argument("--dry-run", action="store_true", help="print the grid with solved sizes and stop")
     o.add_argument("--quiet", action="store_true", help="no progress bars or per-trial lines")
-    o.add_argument("--executor", choices=sorted(EXECUTORS), default=None, help="where trials run (default: local)")
+    o.add_argument("--artifacts-dir", metavar="DIR|URL",
+                   help="where each trial's folder (weights, logs) goes: a folder, or an fsspec URL such as "
+                        "s3://bucket/path once its filesystem package is installed (default: OUT/SUITE/trials)")
+    x = parser.add_argument_group("executor")
+    x.add_argument("--executor", choices=sorted(EXECUTORS), default=None,
+                   help="where trials run: local (default; this process, one at a time) or ray (one Ray task per "
+                        f"trial; needs {RAY_INSTALL})")
+    x.add_argument("--ray-address", metavar="ADDR",
+                   help="ray: auto (the cluster `ray start` joined this machine to), ray://HOST:PORT or HOST:PORT "
+                        "(default: start a local Ray for this run)")
+    x.add_argument("--gpus-per-trial", type=float, metavar="N",
+                   help="ray: GPUs each trial reserves, fractions share a GPU (default: 1 when the cluster has "
+                        "GPUs and --device is not cpu, else 0)")
+    x.add_argument("--cpus-per-trial", type=float, metavar="N",
+                   help="ray: CPUs each trial reserves, also its torch threads (default: 1)")
 
 
 def overrides_from_args(args) -> dict:
@@ -248,9 +243,13 @@ def overrides_from_args(args) -> dict:
         out["backbones"] = _split(args.backbone)
     if getattr(args, "task", None):
         out["tasks"] = _split(args.task)
-    for flag, key in (("seeds", "seeds"), ("suite", "suite"), ("out", "out"), ("executor", "executor")):
+    for flag, key in (("seeds", "seeds"), ("suite", "suite"), ("out", "out"), ("executor", "executor"),
+                      ("artifacts_dir", "artifacts_dir")):
         if getattr(args, flag, None) is not None:
             out[key] = getattr(args, flag)
+    ray = {key: getattr(args, flag) for flag, key in RAY_FLAGS.items() if getattr(args, flag, None) is not None}
+    if ray:
+        out["ray"] = ray
     for flag in ("epochs", "max_steps", "batch_size", "train_limit", "eval_limit", "test_limit", "eval_every",
                  "device", "precision"):
         if getattr(args, flag, None) is not None:
@@ -271,6 +270,10 @@ def overrides_from_args(args) -> dict:
     if training:
         out["training"] = training
     return out
+
+
+#: command-line flag (attribute) -> field of the suite's ``ray`` section
+RAY_FLAGS = {"ray_address": "address", "gpus_per_trial": "gpus_per_trial", "cpus_per_trial": "cpus_per_trial"}
 
 
 def resolve_suite(args, registry) -> SuiteConfig:
@@ -311,7 +314,8 @@ def _canonical(key: str, name: str, registry) -> str:
 
 _FLAGS = ("config", "methods", "budget", "backbone", "task", "seeds", "text_column", "label_column", "epochs",
           "max_steps", "batch_size", "train_limit", "eval_limit", "test_limit", "eval_every", "lr", "device",
-          "precision", "suite", "out", "executor", "quiet")
+          "precision", "suite", "out", "artifacts_dir", "executor", "ray_address", "gpus_per_trial", "cpus_per_trial",
+          "quiet")
 
 
 def command_line(args) -> str:
@@ -346,9 +350,10 @@ def setup_process(suite: SuiteConfig, quiet: bool) -> None:
     from .costs import cpu_count, tune_malloc
 
     tune_malloc()
-    torch.set_num_threads(suite.training.threads or cpu_count())
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # torchrun: ranks on this machine share its CPUs
+    torch.set_num_threads(suite.training.threads or max(1, cpu_count() // local_world))
     device = suite.training.device
-    if device.startswith("cuda:") and "LOCAL_RANK" not in os.environ:
+    if device.startswith("cuda:") and "LOCAL_RANK" not in os.environ and suite.executor == "local":
         # pin one GPU before CUDA starts: the Trainer would otherwise use cuda:0 (or all of them)
         index = int(device.split(":")[1])
         visible = [v for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
@@ -365,41 +370,90 @@ def setup_process(suite: SuiteConfig, quiet: bool) -> None:
     datasets.logging.set_verbosity_error()
 
 
+def _registry(args):
+    """The plugin registry, with ``peftbench --plugins-dir DIR run ...``'s folder loaded."""
+    from .plugins import get_registry, set_registry
+
+    if getattr(args, "plugins_dir", None):
+        registry = get_registry(plugins_dir=args.plugins_dir)
+        set_registry(registry)
+        return registry
+    return get_registry()
+
+
+def check_run_options(args, suite: SuiteConfig, world: int) -> None:
+    """Executor flags that cannot apply, and device choices that cannot work, as clear errors."""
+    given = ["--" + flag.replace("_", "-") for flag in RAY_FLAGS if getattr(args, flag, None) is not None]
+    if given and suite.executor != "ray":
+        raise ConfigError(f"{', '.join(given)} apply to --executor ray; this run uses --executor {suite.executor}")
+    device = suite.training.device
+    if suite.executor == "ray" and device.startswith("cuda:"):
+        raise ConfigError(f"--device {device} with --executor ray: Ray assigns each trial its GPU(s); "
+                          f"use --device cuda (or auto) with --gpus-per-trial N")
+    if world > 1:
+        if suite.executor != "local":
+            raise ConfigError(f"this process is rank {rank_and_world()[0]} of {world} (torchrun/accelerate launch): "
+                              f"one trial spans the ranks, so --executor must be local (not {suite.executor})")
+        if device.startswith("cuda:"):
+            raise ConfigError(f"--device {device} under torchrun/accelerate launch: each rank uses the GPU of its "
+                              f"LOCAL_RANK; use --device cuda or auto")
+
+
 def main_run(args) -> int:
-    from .plugins import get_registry
-    from .report import write_report
+    from .device import resolve_device, resolve_precision
     from .store import Store
 
-    registry = get_registry()
+    registry = _registry(args)
     suite = resolve_suite(args, registry)
     quiet = bool(getattr(args, "quiet", False))
+    rank, world = rank_and_world()
+    check_run_options(args, suite, world)
     setup_process(suite, quiet)
-    from .device import resolve_device, resolve_precision
-
-    resolve_precision(suite.training.precision, resolve_device(suite.training.device))  # fail now, not per trial
+    if suite.executor == "local" or suite.training.device == "cpu":
+        # fail now, not per trial (a Ray driver may have no GPU while its workers do)
+        resolve_precision(suite.training.precision, resolve_device(suite.training.device))
     plan = make_plan(suite, registry)
     out = Path(suite.out)
     if getattr(args, "dry_run", False):
-        store_path = out / plan.name / STORE_FILE
-        done, warning = set(), None
-        try:
-            check_suite_dir(plan, out)
-            if store_path.is_file():
-                with Store(store_path, create=False) as store:
-                    done = {t.trial_id for t in plan.trials if store.is_done(t.trial_id)}
-        except ConfigError as exc:
-            warning = f"note: a real run would stop here: {exc}"
-        print_plan(plan, done)
-        if warning:
-            print(f"\n{warning}")
+        if rank == 0:
+            _dry_run(plan, out)
         return 0
-    if not plan.trials and not plan.unreachable:
-        raise ConfigError("the grid is empty")
-    suite_dir = open_suite_dir(plan, command_line(args), out)
-    executor = EXECUTORS[suite.executor]()
-    with Store(suite_dir / STORE_FILE) as store:
-        counts = run_plan(plan, store, suite_dir, executor, quiet)
-        report = write_report(suite_dir, store, registry)
+    if world > 1:
+        init_distributed(cpu=resolve_device(suite.training.device).type == "cpu")
+        if rank != 0:
+            return _follow_main(plan)
+    announced = False
+    executor = None
+
+    def announce(pending: list[str]) -> None:
+        nonlocal announced
+        announced = True
+        if world > 1:
+            broadcast_from_main({"pending": pending})
+
+    try:
+        if suite.executor == "ray":
+            import_ray()
+        if not plan.trials and not plan.unreachable:
+            raise ConfigError("the grid is empty")
+        artifacts = check_artifacts_dir(suite.artifacts_dir) if suite.artifacts_dir else None
+        executor = make_executor(suite.executor, suite, registry)
+        executor.quiet = quiet
+        if suite.executor == "ray" and suite.ray.address:
+            executor.connect()  # an unreachable cluster fails before the suite folder is touched
+        suite_dir = open_suite_dir(plan, command_line(args), out)
+        if artifacts is None and suite.executor != "local":
+            artifacts = str((suite_dir / "trials").absolute())  # workers do not share the driver's working folder
+        with Store(suite_dir / STORE_FILE) as store:
+            counts = run_plan(plan, store, suite_dir, executor, quiet, artifacts=artifacts, announce=announce)
+            report = _write_report(suite_dir, store, registry)
+    except BaseException as exc:
+        if world > 1 and not announced:  # the other ranks wait for the trial list: tell them to stop
+            broadcast_from_main({"error": f"{type(exc).__name__}: {exc}"})
+        raise
+    finally:
+        if executor is not None:
+            executor.close()
     parts = [f"{n} {k}" for k, n in counts.items() if n]
     print(f"suite {plan.name}: {', '.join(parts) or 'nothing to do'}; report: {report}")
     if counts["failed"]:
@@ -407,6 +461,49 @@ def main_run(args) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def _write_report(suite_dir: Path, store, registry):
+    from .report import write_report
+
+    return write_report(suite_dir, store, registry)
+
+
+def _dry_run(plan: Plan, out: Path) -> None:
+    from .store import Store
+
+    store_path = out / plan.name / STORE_FILE
+    done, warning = set(), None
+    try:
+        check_suite_dir(plan, out)
+        if store_path.is_file():
+            with Store(store_path, create=False) as store:
+                done = {t.trial_id for t in plan.trials if store.is_done(t.trial_id)}
+    except ConfigError as exc:
+        warning = f"note: a real run would stop here: {exc}"
+    print_plan(plan, done)
+    if warning:
+        print(f"\n{warning}")
+
+
+def _follow_main(plan: Plan) -> int:
+    """A rank other than 0: train the trials rank 0 announces, in its order, writing nothing."""
+    message = broadcast_from_main(None)
+    if "error" in message:
+        return 2  # rank 0 reports the error
+    trials = {t.trial_id: t for t in plan.trials}
+    unknown = [t for t in message["pending"] if t not in trials]
+    if unknown:
+        raise ConfigError(f"rank {rank_and_world()[0]} planned a different grid than rank 0 (unknown trials "
+                          f"{', '.join(unknown[:3])}); start every rank with the same command and files")
+    status = 0
+    for trial_id in message["pending"]:
+        trial = trials[trial_id]
+        payload = {**trial.payload, "artifacts": None, "quiet": True,
+                   "training": {**trial.payload["training"], **_run_options(plan.suite)}}
+        if execute_trial(payload)["status"] == "failed":
+            status = 1
+    return status
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -103,7 +103,13 @@ class _Trainer(Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if not torch.isfinite(loss).all():
+        finite = bool(torch.isfinite(loss).all())
+        if self.args.world_size > 1:  # DDP: every rank stops at the same step, or none does (no rank left waiting)
+            flag = torch.tensor([1.0 if finite else 0.0], device=loss.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            if not flag.item() and finite:
+                raise Diverged(f"training loss became non-finite on another rank at step {self.state.global_step + 1}")
+        if not finite:
             raise Diverged(f"training loss became {loss.item()} at step {self.state.global_step + 1}")
         return loss
 
@@ -111,7 +117,12 @@ class _Trainer(Trainer):
         if self._generation_eval is None:
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         data = eval_dataset if eval_dataset is not None else self.eval_dataset
-        metrics = {f"{metric_key_prefix}_{k}": v for k, v in self._generation_eval(data).items()}
+        result = self._generation_eval(data)
+        if self.args.world_size > 1:  # DDP: every rank decodes alike; rank 0's numbers decide early stopping everywhere
+            box = [result]
+            torch.distributed.broadcast_object_list(box, src=0)
+            result = box[0]
+        metrics = {f"{metric_key_prefix}_{k}": v for k, v in result.items()}
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=metrics)
         return metrics
@@ -186,12 +197,24 @@ class _Watch(TrainerCallback):
                     p.copy_(self.best_state[name].to(p.device))
 
 
+def per_rank_batch(batch_size: int) -> int:
+    """Under torchrun/accelerate launch the suite's batch is split over the ranks, so a trial sees the
+    same batches (and takes the same steps) on one process or several."""
+    from .executors import rank_and_world
+
+    world = rank_and_world()[1]
+    if batch_size % world:
+        raise ConfigError(f"batch_size {batch_size} does not split evenly over {world} ranks; "
+                          f"use a multiple of {world} (e.g. --batch-size {batch_size + world - batch_size % world})")
+    return batch_size // world
+
+
 def training_arguments(cfg: TrainingConfig, lr: float, seed: int, total_steps: int, device: torch.device,
                        precision: str, output_dir: str) -> TrainingArguments:
     eval_every = cfg.eval_every or max(1, math.ceil(total_steps / EVALS_PER_TRIAL))
     return TrainingArguments(
         output_dir=output_dir,
-        per_device_train_batch_size=cfg.batch_size,
+        per_device_train_batch_size=per_rank_batch(cfg.batch_size),
         per_device_eval_batch_size=cfg.eval_batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
         num_train_epochs=cfg.epochs,

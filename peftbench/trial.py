@@ -200,7 +200,8 @@ def run_trial(payload: dict) -> dict:
                                     desc=desc, quiet=bool(payload.get("quiet")))
     except Diverged as exc:
         exc.result = {"trainable_params": trainable, "steps": exc.steps,
-                      "curves": curves(exc.log_history, task.primary_metric), "environment": environment(device)}
+                      "curves": curves(exc.log_history, task.primary_metric),
+                      "environment": {**environment(device), **_ranks()}}
         raise
     if generation_eval is not None:
         test_metrics = generation_eval(data["test"])
@@ -233,9 +234,17 @@ def run_trial(payload: dict) -> dict:
         "train_time_s": outcome.train_time_s,
         "steps": outcome.steps,
         "curves": trial_curves,
-        "environment": {**environment(device), "precision": precision},
+        "environment": {**environment(device), "precision": precision, **_ranks()},
         "artifacts": str(artifacts) if artifacts is not None else None,
     }
+
+
+def _ranks() -> dict:
+    """``{"world_size": N}`` for a trial trained by N ranks (torchrun/accelerate launch), else nothing."""
+    from .executors import rank_and_world
+
+    world = rank_and_world()[1]
+    return {"world_size": world} if world > 1 else {}
 
 
 def _inference_overhead(name, task, backbone, injection, latency_data, seed, device, registry) -> float:
