@@ -86,7 +86,7 @@ class AdapterLoRA(peftbench.Method):
             weight = next(p for p in site.module.parameters() if p.is_floating_point())
             adapter = Bottleneck(spec.hidden, cfg.m, cfg.non_linearity, device=weight.device, dtype=weight.dtype)
             injection.attach(blocks[site.layer], f"{self.name}_{ADAPTER_SITE}", adapter)
-            injection.add_hook(site.module, lambda module, args, h, adapter=adapter: h + adapter.delta(h))
+            injection.add_hook(site.module, lambda module, args, h, adapter=adapter: adapter(h))  # h + delta(h)
         return injection
 
 

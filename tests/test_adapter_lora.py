@@ -88,3 +88,39 @@ def test_adapter_sees_lora_output_when_ffn_out_is_a_target():
     assert len(site.module.base_layer._forward_hooks) == 0
     injection.remove()
     assert len(backbone.site(0, "ffn_out").module._forward_hooks) == 0
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_fused_adapter_equals_module_path(arch):
+    """The hook calls the adapter module, so its fused node runs; outputs and every gradient
+    (adapter and LoRA) match the module path's (h + adapter.delta(h)), in float32."""
+    backbone = tiny_backbone(arch)
+    batch = batch_for(backbone)
+    backbone.freeze()
+    injection = METHOD.inject(backbone, METHOD.config(m=4, non_linearity="gelu", targets=["q", "v", "ffn_out"]))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in injection.named_parameters().values():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    adapters = [m for m in backbone.model.modules() if isinstance(m, Bottleneck)]
+    nodes = []
+    handles = [s.module.register_forward_hook(lambda mod, a, out: nodes.append(type(out.grad_fn).__name__))
+               for s in backbone.sites("ffn_out")]  # after inject: sees the adapted output
+    backbone.model.train()
+    runs = []
+    for fused in (True, False):
+        for adapter in adapters:
+            adapter.fused = fused
+        backbone.model.zero_grad(set_to_none=True)
+        nodes.clear()
+        torch.manual_seed(0)
+        out = backbone.model(**batch, output_hidden_states=True).hidden_states[-1]
+        out.square().mean().backward()
+        runs.append((out.detach(), {k: p.grad.clone() for k, p in injection.named_parameters().items()}))
+        assert (set(nodes) == {"_FusedBottleneckBackward"}) if fused else ("_FusedBottleneckBackward" not in nodes)
+    (out_f, grads_f), (out_m, grads_m) = runs
+    torch.testing.assert_close(out_f, out_m, atol=1e-5, rtol=1e-5)
+    for name in grads_m:
+        torch.testing.assert_close(grads_f[name], grads_m[name], atol=1e-5, rtol=1e-4)
+    for handle in handles:
+        handle.remove()

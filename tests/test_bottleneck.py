@@ -260,3 +260,143 @@ def test_minilm_forward_backward():
     grads = {n: p.grad for n, p in injection.named_parameters().items()}
     assert all(g is not None for g in grads.values())
     assert all(g.abs().sum() > 0 for n, g in grads.items() if n.endswith("up.weight"))
+
+
+# -- the fused autograd function -------------------------------------------------------------
+
+def _fused_case(seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    d, m = 6, 3
+    rand = lambda *shape: torch.randn(*shape, generator=g, dtype=dtype).requires_grad_()  # noqa: E731
+    return rand(2, 4, d), rand(m, d), rand(m), rand(d, m), rand(d)
+
+
+@pytest.mark.parametrize("non_linearity", ["relu", "gelu", "swish", "silu", "tanh"])
+def test_fused_function_gradcheck(non_linearity):
+    """Gradients of h, W_down, b_down, W_up, b_up (float64 finite differences); also with h frozen."""
+    from torch.autograd import gradcheck
+
+    from peftbench_plugins.bottleneck import _FusedBottleneck
+
+    h, wd, bd, wu, bu = _fused_case()
+    fn = lambda *t: _FusedBottleneck.apply(*t, non_linearity)  # noqa: E731
+    assert gradcheck(fn, (h, wd, bd, wu, bu))
+    frozen = h.detach()
+    assert gradcheck(lambda *p: fn(frozen, *p), (wd, bd, wu, bu))
+    assert gradcheck(lambda x, w: fn(x, w, bd.detach(), wu.detach(), bu.detach()), (h, wd))  # part of the inputs
+
+
+@pytest.mark.parametrize("non_linearity", ["relu", "gelu", "swish", "tanh"])
+def test_fused_module_equals_module_path(non_linearity):
+    torch.manual_seed(0)
+    module = Bottleneck(12, 5, non_linearity=non_linearity)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, 0.5)
+    h = torch.randn(2, 3, 12, requires_grad=True)
+    g = torch.randn(2, 3, 12)
+    runs = []
+    for fused in (True, False):
+        module.fused = fused
+        h.grad = None
+        module.zero_grad(set_to_none=True)
+        out = module(h)
+        assert (type(out.grad_fn).__name__ == "_FusedBottleneckBackward") == fused
+        out.backward(g)
+        runs.append((out.detach(), h.grad, *(p.grad for p in module.parameters())))
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+FUSED_CASES = [("bert", "houlsby", "swish"), ("bert", "pfeiffer", "gelu"), ("gpt2", "houlsby", "tanh"),
+               ("llama", "houlsby", "swish"), ("llama", "pfeiffer", "relu")]
+
+
+@pytest.mark.parametrize("arch,method,non_linearity", FUSED_CASES)
+def test_fused_path_equals_module_path_in_a_model(arch, method, non_linearity):
+    """Training step, float32: the fused node gives the module path's outputs and gradients (adapters
+    and houlsby's LayerNorms); the site's output really comes from the fused node."""
+    backbone = tiny_backbone(arch)
+    batch = tiny_batch()
+    _, injection = inject(backbone, method, m=4, non_linearity=non_linearity)
+    perturb(injection)
+    adapters = [m for m in backbone.model.modules() if isinstance(m, Bottleneck)]
+    nodes, handles = [], []
+    for site in SITES[method]:  # registered after inject: sees the adapted output
+        for s in backbone.sites(site):
+            handles.append(s.module.register_forward_hook(lambda mod, a, out: nodes.append(type(out.grad_fn).__name__)))
+    backbone.model.train()
+    runs = []
+    for fused in (True, False):
+        for adapter in adapters:
+            adapter.fused = fused
+        backbone.model.zero_grad(set_to_none=True)
+        nodes.clear()
+        torch.manual_seed(0)  # the backbone's own dropout draws the same masks
+        out = backbone.model(**batch, output_hidden_states=True).hidden_states[-1]
+        out.square().mean().backward()
+        runs.append((out.detach(), {k: p.grad.clone() for k, p in injection.named_parameters().items()}))
+        assert len(nodes) == len(adapters)
+        assert (set(nodes) == {"_FusedBottleneckBackward"}) if fused else ("_FusedBottleneckBackward" not in nodes)
+    (out_f, grads_f), (out_m, grads_m) = runs
+    torch.testing.assert_close(out_f, out_m, atol=1e-5, rtol=1e-5)
+    assert grads_f.keys() == grads_m.keys()
+    for name in grads_m:
+        torch.testing.assert_close(grads_f[name], grads_m[name], atol=1e-5, rtol=1e-4)
+    for handle in handles:
+        handle.remove()
+
+
+def test_fused_path_falls_back_where_it_cannot_apply():
+    """Autocast, a dtype or device mismatch, hooks on the parts, a replaced part, the switch: module path."""
+    module = Bottleneck(8, 3, "swish", init="normal", init_scale=1e-2)
+    h = torch.randn(2, 8)
+    assert module._can_fuse(h) and module.train()._can_fuse(h)  # no dropout: training fuses too
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not module._can_fuse(h)
+        assert module.delta(h).dtype == torch.bfloat16
+        out = module(h)  # the module path: h + the bfloat16 delta
+        assert type(out.grad_fn).__name__ == "AddBackward0"
+        torch.testing.assert_close(out, h + module.delta(h))
+    assert not module._can_fuse(h.double())
+    assert not module._can_fuse(h.long())
+    handle = module.up.register_forward_hook(lambda mod, a, out: out)
+    assert not module._can_fuse(h)
+    handle.remove()
+    handle = module.act.register_forward_pre_hook(lambda mod, a: None)
+    assert not module._can_fuse(h)
+    handle.remove()
+    assert module._can_fuse(h)
+    Bottleneck.fused = False  # the class switch
+    try:
+        assert not module._can_fuse(h) and type(module(h).grad_fn).__name__ == "AddBackward0"
+    finally:
+        Bottleneck.fused = True
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda mod, a, out: out)  # every module
+    try:
+        assert not module._can_fuse(h)
+    finally:
+        handle.remove()
+    gelu = Bottleneck(8, 3, "gelu")
+    assert gelu._can_fuse(h)
+    gelu.act.approximate = "tanh"  # not the GELU the fused function computes (exact, erf)
+    assert not gelu._can_fuse(h)
+    module.act = torch.nn.ReLU()  # no longer the built activation: the module path applies it
+    assert not module._can_fuse(h)
+    torch.testing.assert_close(module(h), h + module.up(torch.relu(module.down(h))))
+    module = Bottleneck(8, 3, dtype=torch.float64)
+    assert module._can_fuse(h.double()) and not module._can_fuse(h)
+
+
+def test_fused_inference_without_grad():
+    """Under no_grad (evaluation) the fused forward runs without building a graph, same numbers."""
+    torch.manual_seed(0)
+    module = Bottleneck(16, 4, "gelu", init="normal", init_scale=1e-2)
+    with torch.no_grad():
+        module.up.weight.normal_(0, 0.3)
+        h = torch.randn(3, 5, 16)
+        fused = module(h)
+        module.fused = False
+        plain = module(h)
+    assert fused.grad_fn is None and fused.shape == h.shape
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
