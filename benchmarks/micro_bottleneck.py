@@ -1,0 +1,100 @@
+"""One bottleneck adapter on its site, forward + backward: frozen site vs the module path vs the fused function.
+
+    python benchmarks/micro_bottleneck.py                  # minilm at 1%: 16 x 128 tokens, d 384, m 23, swish
+    python benchmarks/micro_bottleneck.py --d 768 --m 48 --act relu --reps 400
+
+The site is a frozen d -> d linear (an output projection); the adapter sits on it as a forward
+hook, the way houlsby and pfeiffer insert it. Interleaved in one process (every rep runs the
+three contenders, order rotated), torch threads fixed (default 1; then the clock is the
+thread's CPU time, which a busy machine's descheduling does not inflate; with more threads,
+wall time); prints medians and the medians of per-rep ratios to the frozen site, so machine
+drift hits all three alike. The input requires grad, as inside a model whose lower layers
+train, so every contender computes the input gradient. Like step_time.py, the script
+re-executes itself with glibc's malloc thresholds raised (else every (N, d) temporary is a
+fresh mmap and page faults dominate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from step_time import reexec_with_malloc_settings  # noqa: E402
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", type=int, default=16 * 128)
+    p.add_argument("--d", type=int, default=384)
+    p.add_argument("--m", type=int, default=23)
+    p.add_argument("--act", default="swish", help="relu, gelu, swish, silu, tanh (default swish: houlsby's)")
+    p.add_argument("--reps", type=int, default=200)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    reexec_with_malloc_settings()
+    torch.set_num_threads(args.threads)
+    from peftbench_plugins.bottleneck import Bottleneck
+
+    torch.manual_seed(0)
+    site = nn.Linear(args.d, args.d).requires_grad_(False)
+    adapted = nn.Linear(args.d, args.d).requires_grad_(False)
+    adapted.load_state_dict(site.state_dict())
+    # weights large enough that the delta is not lost in h's rounding (the check below means something)
+    adapter = Bottleneck(args.d, args.m, args.act, init="normal", init_scale=0.1)
+    adapted.register_forward_hook(lambda module, a, out: adapter(out))
+    x = torch.randn(args.tokens // 128, 128, args.d, requires_grad=True)
+    g = torch.randn(args.tokens // 128, 128, args.d)
+
+    def frozen():
+        site(x).backward(g)
+
+    def module_path():
+        adapter.fused = False  # what forward did before the fused function
+        try:
+            adapted(x).backward(g)
+        finally:
+            adapter.fused = True
+
+    def fused():
+        adapted(x).backward(g)
+
+    with torch.no_grad():  # same numbers both ways
+        adapter.fused = False
+        ref = adapted(x)
+        adapter.fused = True
+        err = float((adapted(x) - ref).abs().max() / (ref - site(x)).abs().max())
+    contenders = {"frozen site": frozen, "module path": module_path, "fused": fused}
+    times: dict[str, list[float]] = {k: [] for k in contenders}
+    names = list(contenders)
+    clock = time.thread_time if args.threads == 1 else time.perf_counter
+    for rep in range(args.reps + 10):
+        shift = rep % len(names)
+        for name in names[shift:] + names[:shift]:
+            x.grad = None
+            adapter.zero_grad(set_to_none=True)
+            t0 = clock()
+            contenders[name]()
+            dt = clock() - t0
+            if rep >= 10:  # warm-up
+                times[name].append(dt)
+    floor = times["frozen site"]
+    print(f"tokens {args.tokens}, d {args.d}, m {args.m}, {args.act}, {args.threads} thread(s), {args.reps} reps; "
+          f"max |fused - module path| / max |delta| {err:.1e}")
+    for name in names:
+        ratio = statistics.median(a / b for a, b in zip(times[name], floor))
+        print(f"  {name:12s} median {1e3 * statistics.median(times[name]):7.3f} ms   x{ratio:.3f} the frozen site")
+    extra = [(f - s) / (m - s) for f, m, s in zip(times["fused"], times["module path"], floor)]
+    ratio = statistics.median(a / b for a, b in zip(times["fused"], times["module path"]))
+    print(f"  fused / module path: x{ratio:.3f}; adapter's own time, fused / module path: "
+          f"x{statistics.median(extra):.3f}")
+
+
+if __name__ == "__main__":
+    main()
