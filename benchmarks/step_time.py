@@ -182,7 +182,11 @@ def main(argv=None) -> None:
 
 
 def inference(built: dict, base, batch: dict, reps: int, device) -> dict:
-    """Forward latency vs the plain backbone: unmerged LoRA, adapters, prompts; then LoRA merged."""
+    """Forward latency vs the plain backbone: unmerged LoRA, adapters, prompts; then LoRA merged.
+
+    Finalizes every injection first, so the latency and the checkpoint sizes measured after
+    it are those of what a method infers with and stores.
+    """
     import contenders as C
     import measure
 
@@ -190,9 +194,11 @@ def inference(built: dict, base, batch: dict, reps: int, device) -> dict:
     plain = C.clone(base, share=True).model  # the frozen backbone, nothing added
     models = {"plain": plain}
     for name, c in built.items():
+        # training is over: every method infers (and saves) its finalized form; a no-op for most,
+        # prefix tuning keeps its flattened table, P-tuning its n x d prompt (not the encoder)
+        if c.injection is not None and not c.injection.finalized:
+            c.injection.finalize()
         if c.kind in ("ours", "peft") and name != "qlora":  # 4-bit on CPU is not about speed
-            if c.injection is not None and c.method == "prefix":
-                c.injection.finalize()  # prefix tuning infers (and saves) its flattened table
             models[name] = c.model
     result = {"unmerged": measure.latency(models, inputs, reps, device)}
     merged = {"plain": plain}
