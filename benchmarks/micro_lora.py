@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from step_time import reexec_with_malloc_settings  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -30,6 +34,7 @@ def main(argv=None) -> None:
     p.add_argument("--reps", type=int, default=200)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
+    reexec_with_malloc_settings()  # glibc's default thresholds turn fresh (N, d) outputs into page faults
     torch.set_num_threads(args.threads)
     from peftbench_plugins.lora import LoRALinear
 
