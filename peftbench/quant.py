@@ -25,7 +25,7 @@ def logical_numel(param: torch.Tensor) -> int:
 
 
 # -- 4-bit NF4 layers (bitsandbytes) ---------------------------------------------------------
-QUANT_INSTALL = "pip install peftbench[quant]"
+QUANT_INSTALL = "pip install bitsandbytes"
 
 
 def require_bitsandbytes(method: str):

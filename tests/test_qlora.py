@@ -175,7 +175,7 @@ def test_merge_requantizes_and_unmerge_is_exact(arch):
 def test_missing_bitsandbytes_is_a_clear_error(monkeypatch):
     backbone = tiny_backbone("bert")
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # makes `import bitsandbytes` fail
-    message = r"method 'qlora' needs bitsandbytes: pip install peftbench\[quant\]"
+    message = r"method 'qlora' needs bitsandbytes: pip install bitsandbytes"
     with pytest.raises(peftbench.ConfigError, match=message):
         QLORA.check(QLORA.config(), backbone.spec)
     backbone.freeze()
