@@ -106,8 +106,17 @@ def encoded_data(task, entry: TaskEntry, backbone, cfg: TrainingConfig):
         fn = _encode_classification(task, tok, cfg.max_length)
         data = {split: raw[split].map(fn, batched=True, remove_columns=raw[split].column_names) for split in raw}
         data["latency"] = data["test"].select(range(min(cfg.batch_size, len(data["test"]))))
+        for split in ("validation", "test"):  # order-free metrics: sorted by length, batches pad far less
+            if split in data:
+                data[split] = _by_length(data[split])
     _DATA[key] = data
     return data
+
+
+def _by_length(ds):
+    """``ds`` sorted by token count (stable): evaluation batches then hold similar lengths."""
+    lengths = [len(ids) for ids in ds["input_ids"]]
+    return ds.select(sorted(range(len(ds)), key=lengths.__getitem__))
 
 
 def _generation_eval(task, backbone, cfg: TrainingConfig, device):
