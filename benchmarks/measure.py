@@ -70,6 +70,27 @@ def interleaved(contenders: list[Contender], warmup: int, steps: int, device: to
         gc.enable()
 
 
+def rotated_calls(calls: dict[str, Callable[[], None]], reps: int, warmup: int = 10,
+                  clock: Callable[[], float] = time.perf_counter,
+                  before: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
+    """Seconds of every call per rep, each rep calling all of them in an order rotated by one.
+
+    ``before`` runs ahead of each call, untimed (clearing gradients); warm-up reps are not kept.
+    """
+    names = list(calls)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for rep in range(warmup + reps):
+        shift = rep % len(names)
+        for name in names[shift:] + names[:shift]:
+            before()
+            start = clock()
+            calls[name]()
+            seconds = clock() - start
+            if rep >= warmup:
+                times[name].append(seconds)
+    return times
+
+
 def paired_ratio(a: list[float], b: list[float]) -> float | None:
     """Median over rounds of a[i] / b[i] (both measured in the same round)."""
     if not a or not b:

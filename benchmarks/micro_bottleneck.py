@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import paired_ratio, rotated_calls  # noqa: E402
 from step_time import reexec_with_malloc_settings  # noqa: E402
 
 
@@ -71,27 +72,22 @@ def main(argv=None) -> None:
         adapter.fused = True
         err = float((adapted(x) - ref).abs().max() / (ref - site(x)).abs().max())
     contenders = {"frozen site": frozen, "module path": module_path, "fused": fused}
-    times: dict[str, list[float]] = {k: [] for k in contenders}
     names = list(contenders)
+
+    def reset() -> None:
+        x.grad = None
+        adapter.zero_grad(set_to_none=True)
+
     clock = time.thread_time if args.threads == 1 else time.perf_counter
-    for rep in range(args.reps + 10):
-        shift = rep % len(names)
-        for name in names[shift:] + names[:shift]:
-            x.grad = None
-            adapter.zero_grad(set_to_none=True)
-            t0 = clock()
-            contenders[name]()
-            dt = clock() - t0
-            if rep >= 10:  # warm-up
-                times[name].append(dt)
+    times = rotated_calls(contenders, args.reps, warmup=10, clock=clock, before=reset)
     floor = times["frozen site"]
     print(f"tokens {args.tokens}, d {args.d}, m {args.m}, {args.act}, {args.threads} thread(s), {args.reps} reps; "
           f"max |fused - module path| / max |delta| {err:.1e}")
     for name in names:
-        ratio = statistics.median(a / b for a, b in zip(times[name], floor))
+        ratio = paired_ratio(times[name], floor)
         print(f"  {name:12s} median {1e3 * statistics.median(times[name]):7.3f} ms   x{ratio:.3f} the frozen site")
     extra = [(f - s) / (m - s) for f, m, s in zip(times["fused"], times["module path"], floor)]
-    ratio = statistics.median(a / b for a, b in zip(times["fused"], times["module path"]))
+    ratio = paired_ratio(times["fused"], times["module path"])
     print(f"  fused / module path: x{ratio:.3f}; adapter's own time, fused / module path: "
           f"x{statistics.median(extra):.3f}")
 
