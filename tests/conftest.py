@@ -89,6 +89,36 @@ def batch_for(backbone, **kwargs):
     return tiny_batch(left=backbone.spec.is_decoder, **kwargs)
 
 
+def fused_and_module_steps(backbone, injection, switches, forward, check=None) -> list[tuple]:
+    """One training step with every module in ``switches`` fused, then one with none of them.
+
+    Returns ``[(output, grads), (output, grads)]``; ``check(fused)`` runs after each backward.
+    Both steps seed torch alike, so the backbone's own dropout draws the same masks.
+    """
+    backbone.model.train()
+    runs = []
+    for fused in (True, False):
+        for module in switches:
+            module.fused = fused
+        backbone.model.zero_grad(set_to_none=True)
+        torch.manual_seed(0)
+        out = forward()
+        out.square().mean().backward()
+        runs.append((out.detach(), {k: p.grad.clone() for k, p in injection.named_parameters().items()}))
+        if check is not None:
+            check(fused)
+    return runs
+
+
+def assert_same_step(runs) -> None:
+    """The fused and module steps of ``fused_and_module_steps`` agree in output and every gradient."""
+    (out_f, grads_f), (out_m, grads_m) = runs
+    torch.testing.assert_close(out_f, out_m, atol=1e-5, rtol=1e-5)
+    assert grads_f.keys() == grads_m.keys()
+    for name in grads_m:
+        torch.testing.assert_close(grads_f[name], grads_m[name], atol=1e-5, rtol=1e-4)
+
+
 @pytest.fixture(params=ARCHS)
 def arch(request):
     return request.param

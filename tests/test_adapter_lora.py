@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import peftbench
-from conftest import ARCHS, batch_for, tiny_backbone
+from conftest import ARCHS, assert_same_step, batch_for, fused_and_module_steps, tiny_backbone
 from peftbench_plugins.bottleneck import Bottleneck
 from peftbench_plugins.lora import LoRALinear
 
@@ -106,21 +106,12 @@ def test_fused_adapter_equals_module_path(arch):
     nodes = []
     handles = [s.module.register_forward_hook(lambda mod, a, out: nodes.append(type(out.grad_fn).__name__))
                for s in backbone.sites("ffn_out")]  # after inject: sees the adapted output
-    backbone.model.train()
-    runs = []
-    for fused in (True, False):
-        for adapter in adapters:
-            adapter.fused = fused
-        backbone.model.zero_grad(set_to_none=True)
-        nodes.clear()
-        torch.manual_seed(0)
-        out = backbone.model(**batch, output_hidden_states=True).hidden_states[-1]
-        out.square().mean().backward()
-        runs.append((out.detach(), {k: p.grad.clone() for k, p in injection.named_parameters().items()}))
+
+    def check(fused):
         assert (set(nodes) == {"_FusedBottleneckBackward"}) if fused else ("_FusedBottleneckBackward" not in nodes)
-    (out_f, grads_f), (out_m, grads_m) = runs
-    torch.testing.assert_close(out_f, out_m, atol=1e-5, rtol=1e-5)
-    for name in grads_m:
-        torch.testing.assert_close(grads_f[name], grads_m[name], atol=1e-5, rtol=1e-4)
+        nodes.clear()
+
+    forward = lambda: backbone.model(**batch, output_hidden_states=True).hidden_states[-1]  # noqa: E731
+    assert_same_step(fused_and_module_steps(backbone, injection, adapters, forward, check))
     for handle in handles:
         handle.remove()

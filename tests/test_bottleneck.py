@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import ARCHS, tiny_backbone, tiny_batch
+from conftest import ARCHS, assert_same_step, fused_and_module_steps, tiny_backbone, tiny_batch
 from transformers import AutoModelForSequenceClassification, RobertaConfig
 
 import peftbench
@@ -325,24 +325,14 @@ def test_fused_path_equals_module_path_in_a_model(arch, method, non_linearity):
     for site in SITES[method]:  # registered after inject: sees the adapted output
         for s in backbone.sites(site):
             handles.append(s.module.register_forward_hook(lambda mod, a, out: nodes.append(type(out.grad_fn).__name__)))
-    backbone.model.train()
-    runs = []
-    for fused in (True, False):
-        for adapter in adapters:
-            adapter.fused = fused
-        backbone.model.zero_grad(set_to_none=True)
-        nodes.clear()
-        torch.manual_seed(0)  # the backbone's own dropout draws the same masks
-        out = backbone.model(**batch, output_hidden_states=True).hidden_states[-1]
-        out.square().mean().backward()
-        runs.append((out.detach(), {k: p.grad.clone() for k, p in injection.named_parameters().items()}))
+
+    def check(fused):
         assert len(nodes) == len(adapters)
         assert (set(nodes) == {"_FusedBottleneckBackward"}) if fused else ("_FusedBottleneckBackward" not in nodes)
-    (out_f, grads_f), (out_m, grads_m) = runs
-    torch.testing.assert_close(out_f, out_m, atol=1e-5, rtol=1e-5)
-    assert grads_f.keys() == grads_m.keys()
-    for name in grads_m:
-        torch.testing.assert_close(grads_f[name], grads_m[name], atol=1e-5, rtol=1e-4)
+        nodes.clear()
+
+    forward = lambda: backbone.model(**batch, output_hidden_states=True).hidden_states[-1]  # noqa: E731
+    assert_same_step(fused_and_module_steps(backbone, injection, adapters, forward, check))
     for handle in handles:
         handle.remove()
 

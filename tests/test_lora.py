@@ -7,7 +7,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 import peftbench
-from conftest import ARCHS, batch_for, tiny_backbone
+from conftest import ARCHS, assert_same_step, batch_for, fused_and_module_steps, tiny_backbone
 from peftbench_plugins.lora import LoRALinear, SlicedLoRALinear
 
 LORA = peftbench.get_registry().method("lora")
@@ -245,23 +245,13 @@ def test_fused_path_equals_module_path(arch):
     injection = LORA.inject(backbone, LORA.config(r=2, alpha=6.0, targets="all-linear"))
     randomize(injection, std=0.1)
     layers = list(wrappers(backbone).values())
-    backbone.model.train()
-    runs = []
-    for fused in (True, False):
-        for layer in layers:
-            layer.fused = fused
-        backbone.model.zero_grad(set_to_none=True)
-        torch.manual_seed(0)  # the backbone's own dropout draws the same masks
-        out = hidden(backbone, batch)
-        out.square().mean().backward()
-        runs.append((out.detach(), {k: p.grad.clone() for k, p in injection.named_parameters().items()}))
+
+    def check(fused):
         nodes = {type(layer(torch.randn(3, layer.lora_A.in_features)).grad_fn).__name__ for layer in layers}
         assert (nodes == {"_FusedLoRABackward"}) if fused else ("_FusedLoRABackward" not in nodes)
         assert all(layer.base_layer.weight.grad is None for layer in layers)
-    (out_f, grads_f), (out_m, grads_m) = runs
-    torch.testing.assert_close(out_f, out_m, atol=1e-5, rtol=1e-5)
-    for name in grads_m:
-        torch.testing.assert_close(grads_f[name], grads_m[name], atol=1e-5, rtol=1e-4)
+
+    assert_same_step(fused_and_module_steps(backbone, injection, layers, lambda: hidden(backbone, batch), check))
 
 
 def test_fused_path_falls_back_where_it_cannot_apply():
