@@ -83,7 +83,10 @@ class Bottleneck(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if self._can_fuse(h):
             down, up = self.down, self.up
-            return _FusedBottleneck.apply(h, down.weight, down.bias, up.weight, up.bias, self.non_linearity)
+            args = (h, down.weight, down.bias, up.weight, up.bias, self.non_linearity)
+            if torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for p in args[1:5])):
+                return _FusedBottleneck.apply(*args)
+            return _bottleneck_no_grad(*args)
         return h + self.delta(h)
 
     def _can_fuse(self, h: torch.Tensor) -> bool:
@@ -140,6 +143,28 @@ def _act_backward(name: str, grad: torch.Tensor, z: torch.Tensor | None, a: torc
     if name in ("swish", "silu"):
         return torch.ops.aten.silu_backward(grad, z)
     return torch.ops.aten.gelu_backward(grad, z, approximate="none")
+
+
+def _bottleneck_no_grad(h, w_down, b_down, w_up, b_up, act):
+    """h + act(h W_d^T + b_d) W_u^T + b_u without autograd (evaluation, inference).
+
+    Nothing is kept for a backward pass, so the layout is the one that runs fastest in a
+    forward alone: (N, m + 1), not ``_FusedBottleneck``'s (m, N). The down projection gets one
+    more output, a column of ones (a zero row in W_d, bias 1); the activation runs in place on
+    the other m columns; one addmm then gives h + [a, 1] [W_u^T; b_u], the up bias and the
+    residual folded in as in the autograd node. The same sums as the module path, in another
+    order (float rounding apart).
+    """
+    shape = h.shape
+    h2 = h.reshape(-1, shape[-1])  # (N, d)
+    m = w_down.shape[0]
+    down_aug = torch.cat([w_down, w_down.new_zeros(1, w_down.shape[1])])  # (m + 1, d)
+    bias_aug = torch.cat([b_down, b_down.new_ones(1)])  # (m + 1,)
+    a_aug = torch.addmm(bias_aug, h2, down_aug.t())  # (N, m + 1) = [z, 1]
+    a = a_aug[:, :m]
+    _act_forward(act, a, a)  # [act(z), 1], in place
+    up_aug = torch.cat([w_up.t(), b_up.unsqueeze(0)])  # (m + 1, d) = [W_u^T; b_u]
+    return torch.addmm(h2, a_aug, up_aug).view(shape)
 
 
 class _FusedBottleneck(torch.autograd.Function):

@@ -63,10 +63,18 @@ class LoRALinear(nn.Module):
         if self.merged:
             return self.base_layer(x)
         if self._can_fuse(x):
-            return _FusedLoRA.apply(x, self.base_layer.weight, self.base_layer.bias, self.lora_A.weight,
-                                    self.lora_B.weight, self.scaling, self.slices, self._base_kind == "conv1d")
+            return self._fused(x)
         # h = W x + B (alpha / r) A x   (the scaling multiplies the r-wide A x: the cheap place)
         return self.base_layer(x) + self.lora_B(self.scaling * self.lora_A(self.dropout(x)))
+
+    def _fused(self, x: torch.Tensor) -> torch.Tensor:
+        """The fused forward: one autograd node when a gradient is wanted, else ``_lora_no_grad``."""
+        args = (x, self.base_layer.weight, self.base_layer.bias, self.lora_A.weight, self.lora_B.weight,
+                self.scaling, self.slices, self._base_kind == "conv1d")
+        if torch.is_grad_enabled() and (x.requires_grad or self.lora_A.weight.requires_grad
+                                        or self.lora_B.weight.requires_grad):
+            return _FusedLoRA.apply(*args)
+        return _lora_no_grad(*args)
 
     def _can_fuse(self, x: torch.Tensor) -> bool:
         """The fused function computes what the module path does (up to float rounding: the
@@ -132,8 +140,7 @@ class SlicedLoRALinear(LoRALinear):
         if self.merged:
             return self.base_layer(x)
         if self._can_fuse(x):
-            return _FusedLoRA.apply(x, self.base_layer.weight, self.base_layer.bias, self.lora_A.weight,
-                                    self.lora_B.weight, self.scaling, self.slices, self._base_kind == "conv1d")
+            return self._fused(x)
         h = self.base_layer(x)  # (..., d_out): every slice
         ax = self.lora_A(self.dropout(x)) * self.scaling  # (..., n*r): all slices' (alpha/r) A_i x in one matmul
         b, r = self.lora_B.weight, self.r
@@ -145,6 +152,31 @@ class SlicedLoRALinear(LoRALinear):
             done = end
         pieces.append(h[..., done:])
         return torch.cat(pieces, dim=-1)
+
+
+def _lora_no_grad(x, weight, bias, lora_a, lora_b, scaling, slices, conv1d):
+    """y = x W^T + b + s (x A^T) B^T without autograd (evaluation, inference).
+
+    Nothing is kept for a backward pass, so the r-wide product is computed in the (N, r)
+    layout, which runs faster than ``_FusedLoRA``'s (r, N) in a forward alone (that layout pays
+    off in backward), and s is applied as the ``alpha`` of the addmm that adds the update into
+    the base output in place.
+    """
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])  # (N, d_in)
+    if conv1d:
+        out = torch.addmm(bias, x2, weight) if bias is not None else torch.mm(x2, weight)
+    else:
+        out = F.linear(x2, weight, bias)  # (N, d_out)
+    ax = F.linear(x2, lora_a)  # (N, n r): A_i x of every slice in one matmul
+    if slices is None:
+        out.addmm_(ax, lora_b.t(), alpha=scaling)
+    else:
+        r = ax.shape[1] // len(slices)
+        for i, (start, end) in enumerate(slices):
+            w = end - start
+            out[:, start:end].addmm_(ax[:, i * r:(i + 1) * r], lora_b[i * w:(i + 1) * w].t(), alpha=scaling)
+    return out.view(*shape[:-1], out.shape[-1])
 
 
 class _FusedLoRA(torch.autograd.Function):

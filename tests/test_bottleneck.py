@@ -308,6 +308,30 @@ def test_fused_module_equals_module_path(non_linearity):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("non_linearity", ["relu", "gelu", "swish", "tanh"])
+def test_no_grad_path_equals_module_path(non_linearity):
+    """Without a gradient wanted the autograd-free path runs; it gives the module path's output."""
+    torch.manual_seed(0)
+    module = Bottleneck(12, 5, non_linearity=non_linearity)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, 0.5)
+    h = torch.randn(2, 3, 12)
+    module.fused = False
+    reference = module(h).detach()
+    module.fused = True
+    for context in (torch.no_grad, torch.inference_mode):
+        with context():
+            out = module(h)
+        assert out.grad_fn is None
+        torch.testing.assert_close(out, reference, rtol=1e-6, atol=1e-6)
+    module.requires_grad_(False)
+    out = module(h)  # grad mode, but nothing wants a gradient
+    assert out.grad_fn is None
+    torch.testing.assert_close(out, reference, rtol=1e-6, atol=1e-6)
+    assert type(module(h.requires_grad_()).grad_fn).__name__ == "_FusedBottleneckBackward"
+
+
 FUSED_CASES = [("bert", "houlsby", "swish"), ("bert", "pfeiffer", "gelu"), ("gpt2", "houlsby", "tanh"),
                ("llama", "houlsby", "swish"), ("llama", "pfeiffer", "relu")]
 

@@ -254,6 +254,47 @@ def test_fused_path_equals_module_path(arch):
     assert_same_step(fused_and_module_steps(backbone, injection, layers, lambda: hidden(backbone, batch), check))
 
 
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_no_grad_path_equals_module_path(arch, monkeypatch):
+    """Evaluation (no_grad, inference_mode, or nothing that wants a gradient): the autograd-free
+    path runs and gives the module path's outputs; with a gradient wanted it is not used."""
+    import peftbench_plugins.lora as lora_module
+
+    backbone = tiny_backbone(arch)
+    batch = batch_for(backbone)
+    backbone.freeze()
+    injection = LORA.inject(backbone, LORA.config(r=2, alpha=6.0, targets="all-linear"))
+    randomize(injection, std=0.1)
+    layers = list(wrappers(backbone).values())
+    assert any(layer.slices for layer in layers) == (arch == "gpt2")  # GPT-2: fused q|k|v slices
+    calls = []
+    real = lora_module._lora_no_grad
+    monkeypatch.setattr(lora_module, "_lora_no_grad", lambda *a: calls.append(1) or real(*a))
+    backbone.model.eval()
+    for layer in layers:
+        layer.fused = False
+    with torch.no_grad():
+        reference = hidden(backbone, batch)
+    assert not calls
+    for layer in layers:
+        layer.fused = True
+    for context in (torch.no_grad, torch.inference_mode):
+        with context():
+            torch.testing.assert_close(hidden(backbone, batch), reference, atol=1e-5, rtol=1e-5)
+        assert len(calls) == len(layers)
+        calls.clear()
+    trained = [p for p in injection.named_parameters().values() if p.requires_grad]
+    for p in trained:
+        p.requires_grad_(False)
+    torch.testing.assert_close(hidden(backbone, batch).detach(), reference, atol=1e-5, rtol=1e-5)  # grad mode, nothing trained
+    assert len(calls) == len(layers)
+    calls.clear()
+    for p in trained:
+        p.requires_grad_(True)
+    hidden(backbone, batch)
+    assert not calls  # a gradient is wanted: the autograd node
+
+
 def test_fused_path_falls_back_where_it_cannot_apply():
     """Dropout while training, autocast, a trained base, a mismatched dtype: the module path."""
     base = torch.nn.Linear(8, 6).requires_grad_(False)
