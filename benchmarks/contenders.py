@@ -249,6 +249,11 @@ def copy_weights(method: str, twin: Contender, model) -> str:
             encoder = model.prompt_encoder["default"]
             if method == "prefix":
                 table = _ours_module(twin, "PrefixTable")
+                if encoder.embedding.weight.shape != table.embedding.shape:
+                    # peft sizes its prefix embeddings by kv_dim on GQA models; ours are d wide
+                    return (f"not the same parameters, timed with peft's own: peft's prefix MLP embeds the n "
+                            f"virtual tokens {encoder.embedding.weight.shape[1]} wide (kv_dim, on a GQA model), "
+                            f"ours {table.embedding.shape[1]} wide (the hidden size)")
                 encoder.embedding.weight.copy_(table.embedding)
                 encoder.transform[0].load_state_dict(table.mlp[0].state_dict())
                 encoder.transform[2].load_state_dict(table.mlp[2].state_dict())
