@@ -64,7 +64,56 @@ def quantize_linear(linear: nn.Module, compute_dtype: torch.dtype = torch.float3
     if linear.bias is not None:
         layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
     layer.train(linear.training)
+    keep_one_format(layer)
+    if not check_dequantization(layer, method):
+        # one decode per layer at injection time; such a layer keeps bitsandbytes' storage and decodes in torch
+        from .quant_layers import PlainDecodeLinear4bit
+
+        layer.__class__ = PlainDecodeLinear4bit
     return layer
+
+
+def keep_one_format(layer: nn.Module) -> nn.Module:
+    """Stop bitsandbytes from repacking ``layer``'s weight for its CPU inference kernel.
+
+    On a CPU with AVX512-BF16, ``Linear4bit.forward`` in eval mode without gradients rewrites
+    the weight in place into another layout with bfloat16 block statistics. Evaluation would
+    then depend on the machine's instruction set (a trial's metrics must not), and the rewrite
+    fails outright on layers narrower than a quantisation block. Training and CUDA never take
+    that path, so turning it off changes nothing there.
+    """
+    if hasattr(layer, "support_avx512bf16_for_cpu"):
+        layer.support_avx512bf16_for_cpu = False
+    return layer
+
+
+def reference_dequantize(weight: torch.Tensor) -> torch.Tensor:
+    """A bitsandbytes 4-bit weight decoded in plain torch: codebook value × its block's absmax."""
+    bnb = require_bitsandbytes("4-bit")
+    state = weight.quant_state
+    packed = weight.data.reshape(-1).view(torch.uint8)
+    codes = torch.stack(((packed >> 4) & 15, packed & 15), dim=1).reshape(-1).long()  # high nibble first
+    n = 1
+    for dim in state.shape:
+        n *= dim
+    absmax = state.absmax
+    if state.nested:
+        absmax = bnb.functional.dequantize_blockwise(absmax, state.state2) + state.offset
+    scale = absmax.float().repeat_interleave(state.blocksize)[:n]
+    values = state.code.to(packed.device).float()[codes[:n]]
+    return (values * scale).reshape(tuple(state.shape)).to(state.dtype)
+
+
+def check_dequantization(layer: nn.Module, method: str = "qlora") -> bool:
+    """True when bitsandbytes decodes ``layer``'s 4-bit weight like ``reference_dequantize``.
+
+    bitsandbytes' native CPU kernel (seen in 0.50.2 on AVX512 CPUs) miscomputes weights whose
+    rows are not a whole number of blocks, silently: training would run on a corrupted base.
+    """
+    bnb = require_bitsandbytes(method)
+    got = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+    want = reference_dequantize(layer.weight).float()
+    return got.shape == want.shape and torch.allclose(got, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
 
 
 def dequantize_weight(layer: nn.Module) -> torch.Tensor:
@@ -72,6 +121,8 @@ def dequantize_weight(layer: nn.Module) -> torch.Tensor:
     bnb = require_bitsandbytes("4-bit")
     if getattr(layer.weight.quant_state, "packing_format_for_cpu", False):
         layer.state_dict()  # bitsandbytes undoes its CPU inference packing while saving
+    if getattr(layer, "decodes_in_torch", False):
+        return reference_dequantize(layer.weight)
     return bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
 
 
