@@ -21,6 +21,8 @@ import peftbench
 import torch
 from torch import nn
 
+from peft_compat import bridge_cache_argument
+
 # -- backbones ---------------------------------------------------------------------------------
 #: name -> (batch, length, task); bert-base-shape and tiny-* are random, built from configs
 BACKBONES = {
@@ -220,11 +222,13 @@ def _peft(name: str, method: str, backbone: peftbench.Backbone, batch: dict, bud
     else:
         raise KeyError(method)
     model = peft.get_peft_model(backbone.model, config)
+    bridged = bridge_cache_argument(model) if method in ("prefix", "ptuning_v2") else ""
     head = {id(p) for n, p in model.named_parameters() if "modules_to_save" in n}
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in head)
     note = ""
     if twin is not None:
         note = copy_weights(method, twin, model)
+    note = "; ".join(x for x in (note, bridged) if x)
     return Contender(name, "peft", model, batch, trainable, desc, note, method=method,
                      virtual_tokens=cfg.n if method in INPUT_PROMPTS else 0)
 

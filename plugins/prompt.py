@@ -60,7 +60,7 @@ def attach_input_prompt(injection: peftbench.Injection, prompt: Callable[[], tor
             raise peftbench.ConfigError(
                 f"{where}: input prompts need a 2-D attention_mask, got shape {tuple(mask.shape)}"
             )
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5.24 renamed the argument
         if cache is not None and cache.get_seq_length() > 0:
             # cached generation: the prompt is already in the cache, only the mask and positions grow
             if mask is not None:

@@ -9,6 +9,9 @@ outputs match peft's PrefixTuning with the same weights.
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import DECODERS, VOCAB, inject, padded, positions, tiny_backbone, tiny_batch
@@ -291,6 +294,15 @@ PEFT_CASES = [(a, t, m, c) for a, t in CASES for m, c in FLAT] + [
 ]
 
 
+def bridge_cache_argument(model) -> str:
+    """benchmarks/peft_compat.py's bridge (the benchmarks are scripts, not a package)."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "peft_compat.py"
+    spec = importlib.util.spec_from_file_location("peft_compat", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.bridge_cache_argument(model)
+
+
 @pytest.mark.parametrize("arch,task,method,cfg", PEFT_CASES)
 def test_matches_peft(registry, arch, task, method, cfg):
     from peft import PrefixTuningConfig, TaskType, get_peft_model
@@ -309,6 +321,7 @@ def test_matches_peft(registry, arch, task, method, cfg):
         num_virtual_tokens=n, prefix_projection=reparam, encoder_hidden_size=16,
     )
     model = get_peft_model(theirs.model, peft_cfg).eval()  # peft returns it in training mode
+    bridge_cache_argument(model)  # peft 0.21 with transformers >= 5.24 (see benchmarks/peft_compat.py)
     encoder = model.prompt_encoder["default"]
     table = injection.table
     with torch.no_grad():
