@@ -6,6 +6,8 @@ peftbench goes through ``logical_numel`` so 4-bit weights are counted from their
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -93,9 +95,7 @@ def reference_dequantize(weight: torch.Tensor) -> torch.Tensor:
     state = weight.quant_state
     packed = weight.data.reshape(-1).view(torch.uint8)
     codes = torch.stack(((packed >> 4) & 15, packed & 15), dim=1).reshape(-1).long()  # high nibble first
-    n = 1
-    for dim in state.shape:
-        n *= dim
+    n = math.prod(state.shape)
     absmax = state.absmax
     if state.nested:
         absmax = bnb.functional.dequantize_blockwise(absmax, state.state2) + state.offset

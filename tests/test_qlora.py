@@ -217,7 +217,7 @@ def test_reference_decode_equals_bitsandbytes_on_whole_blocks(double_quant):
 
 
 @pytest.mark.parametrize("d_in", [32, 48, 96])
-def test_layers_narrower_than_a_block_compute_right(d_in):
+def test_rows_of_partial_blocks_compute_right(d_in):
     """bitsandbytes 0.50.2's AVX512 CPU decode is wrong here (40% error at 32 wide); ours is not.
 
     Whichever path the layer takes on this machine, its decode and its output are those of the
