@@ -23,7 +23,7 @@ OURS = {"houlsby": "houlsby", "pfeiffer": "pfeiffer", "lora": "lora", "prefix_fl
 
 def run(args, base, built: dict, registry) -> str:
     from contenders import solved_config
-    from peftbench.assets import resolve_source
+    from peftbench.backbones.assets import resolve_source
 
     if base.task != "classification" or base.spec.model_type != "bert":
         return "## The adapters library\n\nNot run: the comparison script covers BERT classification backbones only."

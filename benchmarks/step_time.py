@@ -78,7 +78,7 @@ def setup(args):
     torch.set_num_interop_threads(1)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import peftbench
-    from peftbench.backbone import quiet_transformers
+    from peftbench.backbones.backbone import quiet_transformers
 
     import contenders as C
 
@@ -236,7 +236,7 @@ def command_line(argv) -> str:
 
 
 def environment(device) -> dict:
-    import peftbench.costs as costs
+    import peftbench.running.costs as costs
 
     env = costs.environment(device)
     for dist in ("peft", "bitsandbytes"):

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .backbone import TASK_KINDS, Backbone, BackboneSpec, from_config, load_backbone, spec_for
-from .budget import Budget, Solution, parse_budget, solve, solve_or_raise, verify
-from .errors import (
+from peftbench.backbones.backbone import TASK_KINDS, Backbone, BackboneSpec, from_config, load_backbone, spec_for
+from peftbench.budget import Budget, Solution, parse_budget, solve, solve_or_raise, verify
+from peftbench.errors import (
     AssetError,
     BudgetError,
     ConfigError,
@@ -18,13 +18,14 @@ from .errors import (
     PluginError,
     VerificationError,
 )
-from .hookspecs import hookimpl, hookspec
-from .inject import Injection, load_injection
-from .layout import LINEAR_SITES, SITE_NAMES, ArchLayout, Site, is_conv1d, linear_shape
-from .method import Method, MethodConfig
-from .plugins import get_registry
-from .quant import logical_numel
-from .tasks import Task, get_task, packaged_data
+from peftbench.contract.hookspecs import hookimpl, hookspec
+from peftbench.contract.injection import Injection, load_injection
+from peftbench.backbones.layout import LINEAR_SITES, SITE_NAMES, ArchLayout, Site, is_conv1d, linear_shape
+from peftbench.contract.method import Method, MethodConfig
+from peftbench.contract.registry import get_registry
+from peftbench.backbones import quant
+from peftbench.backbones.quant import logical_numel
+from peftbench.tasks.task import Task, get_task, packaged_data
 
 __all__ = [
     "ArchLayout", "AssetError", "Backbone", "BackboneSpec", "Budget", "BudgetError", "ConfigError",

@@ -7,10 +7,10 @@ import json
 import os
 import sys
 
-from . import __version__
-from .errors import PeftbenchError
-from .report import add_report_arguments, main_report
-from .runner import add_run_arguments, main_run
+from peftbench import __version__
+from peftbench.errors import PeftbenchError
+from peftbench.report import add_report_arguments, main_report
+from peftbench.running.runner import add_run_arguments, main_run
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:
@@ -22,7 +22,7 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def _registry(args):
-    from .plugins import get_registry, set_registry
+    from peftbench.contract.registry import get_registry, set_registry
 
     if getattr(args, "plugins_dir", None):
         reg = get_registry(plugins_dir=args.plugins_dir)
@@ -83,8 +83,8 @@ def cmd_plugins(args) -> int:
 # -- solve ---------------------------------------------------------------------------------
 def solve_methods(reg, backbone_name: str, methods: list[str], budget: str, verify_counts: bool = True, task: str = "classification"):
     """Solve every method's knob for the budget; verify by instantiation on the real backbone."""
-    from .backbone import load_backbone, spec_for
-    from .budget import parse_budget, solve
+    from peftbench.backbones.backbone import load_backbone, spec_for
+    from peftbench.budget import parse_budget, solve
 
     parsed = parse_budget(budget)
     names = [reg.canonical(m) for m in methods]
@@ -139,7 +139,7 @@ def cmd_solve(args) -> int:
 
 
 def cmd_download(args) -> int:
-    from .assets import download
+    from peftbench.backbones.assets import download
 
     print(download(args.name))
     return 0

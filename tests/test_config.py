@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from peftbench.config import DEFAULT_LR, SuiteConfig, build_suite, builtin_methods, read_yaml
+from peftbench.running.config import DEFAULT_LR, SuiteConfig, build_suite, builtin_methods, read_yaml
 from peftbench.errors import ConfigError
-from peftbench.runner import add_run_arguments, make_plan, resolve_suite
+from peftbench.running.runner import add_run_arguments, make_plan, resolve_suite
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -140,7 +140,7 @@ def test_knob_in_method_config_is_refused(registry, tmp_path):
 def test_precision_needs_cuda_and_device_names_are_checked():
     import torch
 
-    from peftbench.device import resolve_device, resolve_precision
+    from peftbench.running.device import resolve_device, resolve_precision
 
     cpu = torch.device("cpu")
     assert resolve_precision("auto", cpu) == "fp32"

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from peftbench.errors import ConfigError
-from peftbench.plugins import get_registry, set_registry
-from peftbench.runner import make_plan, resolve_suite
+from peftbench.contract.registry import get_registry, set_registry
+from peftbench.running.runner import make_plan, resolve_suite
 from test_runner import BROKEN_PLUGIN, base_args, env, parse, rows, run  # noqa: F401 - env is a fixture
 
 CRASH_PLUGIN = '''

@@ -20,7 +20,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
 import peftbench
-from peftbench.kv_prefix import attach_kv_prefix
+from peftbench.backbones.kv_prefix import attach_kv_prefix
 
 KV_METHODS = ("prefix", "ptuning_v2")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import peftbench
-from peftbench.metrics import METRICS, compute_metrics, load_metric, module_path
+from peftbench.tasks.metrics import METRICS, compute_metrics, load_metric, module_path
 
 PRED = [0, 1, 2, 2, 1, 0, 0, 2, 1, 1]
 REF = [0, 1, 2, 1, 1, 0, 2, 2, 0, 1]

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 import peftbench
-from peftbench import hookspecs
+from peftbench.contract import hookspecs
 from peftbench.cli import main
-from peftbench.plugins import get_registry
+from peftbench.contract.registry import get_registry
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -19,10 +19,12 @@ import pytest
 from scipy import stats as sps
 
 import peftbench
-from peftbench import hookspecs, report, stats
+from peftbench import report
+from peftbench.contract import hookspecs
+from peftbench.report import stats
 from peftbench.errors import ConfigError
-from peftbench.plugins import Registry
-from peftbench.store import Store
+from peftbench.contract.registry import Registry
+from peftbench.results.store import Store
 
 GOLDEN = Path(__file__).parent / "golden" / "report.md"
 BASE, HEAD = 22_713_216, 770
@@ -315,7 +317,7 @@ def _args(argv):
 
 
 def test_cli_report_writes_and_lists_suites(fixture_run, tmp_path, monkeypatch, capsys):
-    import peftbench.plugins as plugins
+    import peftbench.contract.registry as plugins
 
     out = tmp_path / "reports"
     shutil.copytree(fixture_run[0], out / "fixture", ignore=shutil.ignore_patterns("report.md", "plots"))

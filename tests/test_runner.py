@@ -20,9 +20,9 @@ import pytest
 
 import peftbench
 from peftbench.errors import BudgetError, ConfigError
-from peftbench.plugins import get_registry, set_registry
-from peftbench.runner import add_run_arguments, main_run, make_plan, resolve_suite
-from peftbench.store import Store
+from peftbench.contract.registry import get_registry, set_registry
+from peftbench.running.runner import add_run_arguments, main_run, make_plan, resolve_suite
+from peftbench.results.store import Store
 from run_helpers import make_sentiment_csv, make_tiny_model
 
 TRAINING = "seeds: 1\ntraining:\n  threads: 1\n  batch_size: 8\n  eval_batch_size: 32\n  max_length: 40\n  max_steps: 3\n" \
@@ -218,7 +218,7 @@ def test_kill_9_mid_grid_loses_only_the_trial_in_flight(env, tmp_path):
     out = tmp_path / "reports"
     argv = base_args(env, out, "--methods", "head,lora", "--budget", "5%", "--seeds", "2", "--suite", "killed",
                      "--max-steps", "8")
-    proc = subprocess.Popen([sys.executable, "-m", "peftbench.runner", *argv], cwd=tmp_path,
+    proc = subprocess.Popen([sys.executable, "-m", "peftbench.running.runner", *argv], cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     db = out / "killed" / "results.sqlite"
     deadline = time.time() + 120
@@ -261,9 +261,9 @@ def test_generation_trial_trains_on_the_target_only_and_decodes(tmp_path):
     """A causal LM on e2e_nlg: loss masked on the source, validation and test by greedy decoding."""
     import torch
 
-    from peftbench.config import TaskEntry, TrainingConfig
-    from peftbench.runner import execute_trial
-    from peftbench.trial import encoded_data, load_trial_backbone, raw_data, task_for
+    from peftbench.running.config import TaskEntry, TrainingConfig
+    from peftbench.running.runner import execute_trial
+    from peftbench.running.trial import encoded_data, load_trial_backbone, raw_data, task_for
 
     model = make_tiny_model(tmp_path / "tiny-gpt2", "gpt2", causal=True, positions=512)
     training = TrainingConfig(max_steps=2, batch_size=4, eval_batch_size=4, max_length=500, threads=1, patience=None,
@@ -295,9 +295,9 @@ def test_decoder_classifier_pads_left_and_is_padding_invariant(tmp_path, arch):
     """Decoders classify from the last token: left padding keeps it in place, so a padded row scores as alone."""
     import torch
 
-    from peftbench.config import TaskEntry, TrainingConfig
-    from peftbench.train import collator
-    from peftbench.trial import encoded_data, load_trial_backbone, raw_data, task_for
+    from peftbench.running.config import TaskEntry, TrainingConfig
+    from peftbench.running.train import collator
+    from peftbench.running.trial import encoded_data, load_trial_backbone, raw_data, task_for
 
     model = make_tiny_model(tmp_path / arch, arch)
     data = make_sentiment_csv(tmp_path / "d.csv", rows=40)
@@ -322,8 +322,8 @@ def test_decoder_classifier_pads_left_and_is_padding_invariant(tmp_path, arch):
 
 def test_early_stopping_stops_after_patience_and_keeps_the_best(env):
     """With a learning rate too small to change anything, validation never improves after step 1."""
-    from peftbench.config import TaskEntry, TrainingConfig
-    from peftbench.runner import execute_trial
+    from peftbench.running.config import TaskEntry, TrainingConfig
+    from peftbench.running.runner import execute_trial
 
     training = TrainingConfig(max_steps=10, eval_every=1, patience=2, batch_size=8, max_length=40, threads=1,
                               train_limit=None, eval_limit=None, test_limit=None)

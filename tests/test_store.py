@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from peftbench.store import FINISHED, SCHEMA_VERSION, Store, StoreError, suite_dirs
+from peftbench.results.store import FINISHED, SCHEMA_VERSION, Store, StoreError, suite_dirs
 
 
 def trial(i: int = 0, **extra) -> dict:
@@ -145,7 +145,7 @@ def test_reopen_keeps_everything_and_rows_filter(tmp_path):
 
 KILLED = """
 import sys, time
-from peftbench.store import Store
+from peftbench.results.store import Store
 store = Store(sys.argv[1])
 t = lambda i: {"trial_id": f"k{i}", "suite": "s", "task": "t", "backbone": "b", "method": "lora", "seed": i}
 store.start(t(0)); store.finish("k0", {"metrics": {"accuracy": 0.9}})

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 import peftbench
-from peftbench.task_sources import packaged_meta
+from peftbench.tasks.sources import packaged_meta
 
 # name: (train, validation, test, labels); counts measured from the packaged files
 BUNDLED = {

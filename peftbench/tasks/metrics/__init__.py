@@ -12,7 +12,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from ..errors import ConfigError, unknown
+from peftbench.errors import ConfigError, unknown
 
 HERE = Path(__file__).resolve().parent
 

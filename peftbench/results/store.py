@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .errors import PeftbenchError
+from peftbench.errors import PeftbenchError
 
 SCHEMA_VERSION = 1
 STATUSES = ("running", "done", "failed", "diverged", "unreachable")

@@ -21,7 +21,7 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
-from .errors import ConfigError
+from peftbench.errors import ConfigError
 
 RAY_INSTALL = 'pip install "peftbench[ray]"'
 
@@ -136,8 +136,8 @@ def write_text(location: str, name: str, text: str) -> None:
 
 # -- one trial --------------------------------------------------------------------------------
 def _run(payload: dict) -> dict:
-    from .train import Diverged
-    from .trial import run_trial
+    from peftbench.running.train import Diverged
+    from peftbench.running.trial import run_trial
 
     try:
         return {"status": "done", "error": None, "result": run_trial(payload)}
@@ -230,7 +230,7 @@ _WORKER_REGISTRY: dict[tuple, object] = {}
 
 def ray_trial(payload: dict, dirs: tuple[str, ...] = ()) -> dict:
     """The Ray task: one trial in a worker process (which may run many, one after another)."""
-    from .plugins import get_registry, set_registry
+    from peftbench.contract.registry import get_registry, set_registry
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if dirs:

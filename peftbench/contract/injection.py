@@ -5,7 +5,7 @@ The core offers exactly three insertion mechanisms, each undoable:
   ``base_layer`` (LoRA family, 4-bit);
 - ``add_hook(module, fn)``: a forward hook on a site (bottleneck adapters, input prompts);
 - ``kv_prefix(provider)``: per-layer key/value prefixes through the attention-function
-  registry (prefix tuning, P-tuning v2); see ``peftbench.kv_prefix``.
+  registry (prefix tuning, P-tuning v2); see ``peftbench.backbones.kv_prefix``.
 ``attach`` hangs a method's own module (its parameters) under a model module so that
 ``model.parameters()``, ``.to(device)`` and the Trainer see it.
 """
@@ -20,11 +20,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import ConfigError
+from peftbench.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .backbone import Backbone
-    from .method import Method, MethodConfig
+    from peftbench.backbones.backbone import Backbone
+    from peftbench.contract.method import Method, MethodConfig
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -92,7 +92,7 @@ class Injection:
 
     def kv_prefix(self, provider, layers: list[int] | None = None) -> None:
         """Feed ``provider(layer, batch) -> (key, value)``, each (batch, kv_heads, n, head_dim)."""
-        from .kv_prefix import attach_kv_prefix
+        from peftbench.backbones.kv_prefix import attach_kv_prefix
 
         self._undo.append(attach_kv_prefix(self.backbone, provider, layers))
 
@@ -186,7 +186,7 @@ class Injection:
 
 def load_injection(backbone: "Backbone", directory: str | Path, registry=None) -> Injection:
     """Inject the saved method onto ``backbone`` and load its weights (and head)."""
-    from .plugins import get_registry
+    from peftbench.contract.registry import get_registry
 
     directory = Path(directory)
     meta_path = directory / CONFIG_FILE

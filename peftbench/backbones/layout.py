@@ -14,7 +14,7 @@ from typing import Mapping
 
 from torch import nn
 
-from .errors import LayoutError
+from peftbench.errors import LayoutError
 
 SITE_NAMES = ("q", "k", "v", "attn_out", "ffn_in", "ffn_gate", "ffn_out", "attn_norm", "ffn_norm", "attention")
 LINEAR_SITES = ("q", "k", "v", "attn_out", "ffn_in", "ffn_gate", "ffn_out")

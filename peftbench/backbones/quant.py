@@ -11,8 +11,8 @@ import math
 import torch
 from torch import nn
 
-from .errors import ConfigError
-from .layout import is_conv1d, linear_shape
+from peftbench.errors import ConfigError
+from peftbench.backbones.layout import is_conv1d, linear_shape
 
 
 def logical_numel(param: torch.Tensor) -> int:
@@ -69,7 +69,7 @@ def quantize_linear(linear: nn.Module, compute_dtype: torch.dtype = torch.float3
     keep_one_format(layer)
     if not check_dequantization(layer, method):
         # one decode per layer at injection time; such a layer keeps bitsandbytes' storage and decodes in torch
-        from .quant_layers import PlainDecodeLinear4bit
+        from peftbench.backbones.quant_layers import PlainDecodeLinear4bit
 
         layer.__class__ = PlainDecodeLinear4bit
     return layer

@@ -21,11 +21,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from .config import RUN_ONLY, SUITE_RUN_ONLY, SuiteConfig, merge, validate_suite
-from .errors import ConfigError, PeftbenchError
-from .executors import (EXECUTORS, LocalExecutor, RayExecutor, broadcast_from_main, check_artifacts_dir,
+from peftbench.running.config import RUN_ONLY, SUITE_RUN_ONLY, SuiteConfig, merge, validate_suite
+from peftbench.errors import ConfigError, PeftbenchError
+from peftbench.running.executors import (EXECUTORS, LocalExecutor, RayExecutor, broadcast_from_main, check_artifacts_dir,
                         clear_artifacts, execute_trial, import_ray, RAY_INSTALL, init_distributed, make_executor, rank_and_world)
-from .grid import Plan, Trial, finish_suite, make_plan, print_plan
+from peftbench.running.plan import Plan, Trial, finish_suite, make_plan, print_plan
 
 __all__ = ["EXECUTORS", "LocalExecutor", "RayExecutor", "execute_trial", "main_run", "run_plan"]
 
@@ -278,7 +278,7 @@ RAY_FLAGS = {"ray_address": "address", "gpus_per_trial": "gpus_per_trial", "cpus
 
 def resolve_suite(args, registry) -> SuiteConfig:
     """YAML (if any) < flags; named tasks/methods keep their YAML details (columns, config, lr)."""
-    from .config import read_yaml
+    from peftbench.running.config import read_yaml
 
     base = read_yaml(args.config) if getattr(args, "config", None) else {}
     over = overrides_from_args(args)
@@ -327,7 +327,7 @@ def command_line(args) -> str:
         return shlex.join(["peftbench", *argv[1:]])
     if "-m" in orig and orig[orig.index("-m") + 1:orig.index("-m") + 2] in (["peftbench"], ["peftbench.cli"]):
         return shlex.join(["peftbench", *argv[1:]])
-    if "-m" in orig and orig[orig.index("-m") + 1:orig.index("-m") + 2] == ["peftbench.runner"]:
+    if "-m" in orig and orig[orig.index("-m") + 1:orig.index("-m") + 2] == ["peftbench.running.runner"]:
         return shlex.join(["peftbench", "run", *argv[1:]])
     words = ["peftbench", "run"]
     for name in _FLAGS:
@@ -347,7 +347,7 @@ def setup_process(suite: SuiteConfig, quiet: bool) -> None:
     """CPU threads, allocator, device pinning and library verbosity for a run."""
     import torch
 
-    from .costs import cpu_count, tune_malloc
+    from peftbench.running.costs import cpu_count, tune_malloc
 
     tune_malloc()
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # torchrun: ranks on this machine share its CPUs
@@ -372,7 +372,7 @@ def setup_process(suite: SuiteConfig, quiet: bool) -> None:
 
 def _registry(args):
     """The plugin registry, with ``peftbench --plugins-dir DIR run ...``'s folder loaded."""
-    from .plugins import get_registry, set_registry
+    from peftbench.contract.registry import get_registry, set_registry
 
     if getattr(args, "plugins_dir", None):
         registry = get_registry(plugins_dir=args.plugins_dir)
@@ -400,8 +400,8 @@ def check_run_options(args, suite: SuiteConfig, world: int) -> None:
 
 
 def main_run(args) -> int:
-    from .device import resolve_device, resolve_precision
-    from .store import Store
+    from peftbench.running.device import resolve_device, resolve_precision
+    from peftbench.results.store import Store
 
     registry = _registry(args)
     suite = resolve_suite(args, registry)
@@ -464,13 +464,13 @@ def main_run(args) -> int:
 
 
 def _write_report(suite_dir: Path, store, registry):
-    from .report import write_report
+    from peftbench.report import write_report
 
     return write_report(suite_dir, store, registry)
 
 
 def _dry_run(plan: Plan, out: Path) -> None:
-    from .store import Store
+    from peftbench.results.store import Store
 
     store_path = out / plan.name / STORE_FILE
     done, warning = set(), None
@@ -507,7 +507,7 @@ def _follow_main(plan: Plan) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m peftbench.runner ...``: the run subcommand alone (used by tests and workers)."""
+    """``python -m peftbench.running.runner ...``: the run subcommand alone (used by tests and workers)."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="peftbench run")

@@ -19,9 +19,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .budget import parse_budget
-from .errors import BudgetError, ConfigError
-from .method import format_validation_error
+from peftbench.budget import parse_budget
+from peftbench.errors import BudgetError, ConfigError
+from peftbench.contract.method import format_validation_error
 
 DEFAULT_TASK = "movie_sentiment"
 DEFAULT_BACKBONE = "minilm"

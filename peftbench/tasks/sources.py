@@ -14,8 +14,8 @@ from functools import partial
 from importlib import resources
 from pathlib import Path
 
-from .errors import AssetError, ConfigError
-from .tasks import SPLITS, Task, column, quiet_datasets
+from peftbench.errors import AssetError, ConfigError
+from peftbench.tasks.task import SPLITS, Task, column, quiet_datasets
 
 EVAL_FRACTION = 0.1
 VALIDATION_ALIASES = ("validation", "valid", "dev", "val")

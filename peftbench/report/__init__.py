@@ -15,9 +15,9 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import stats
-from .errors import ConfigError, PluginError, did_you_mean
-from .store import Store, suite_dirs
+from peftbench.report import stats
+from peftbench.errors import ConfigError, PluginError, did_you_mean
+from peftbench.results.store import Store, suite_dirs
 
 BUDGET_DEFINITION = (
     "a method's trainable parameters during training divided by the backbone's parameters "
@@ -662,7 +662,7 @@ def render(suite_dir: Path, store: Store, registry) -> str:
 def write_report(suite_dir: str | Path, store: Store, registry=None) -> Path:
     """Render ``<suite_dir>/report.md`` (and ``plots/*.png``) from the store; returns its path."""
     if registry is None:
-        from .plugins import get_registry
+        from peftbench.contract.registry import get_registry
 
         registry = get_registry()
     suite_dir = Path(suite_dir)
@@ -681,7 +681,7 @@ def add_report_arguments(parser) -> None:
 
 
 def main_report(args) -> int:
-    from .plugins import get_registry
+    from peftbench.contract.registry import get_registry
 
     out = Path(args.out)
     suite_dir = out / args.suite

@@ -12,9 +12,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .budget import solve
-from .config import RUN_ONLY, SuiteConfig, TaskEntry, canonical_json
-from .errors import BudgetError, ConfigError
+from peftbench.budget import solve
+from peftbench.running.config import RUN_ONLY, SuiteConfig, TaskEntry, canonical_json
+from peftbench.errors import BudgetError, ConfigError
 
 
 # -- the plan --------------------------------------------------------------------------------
@@ -57,8 +57,8 @@ def _knob_step(method, cfg, spec, value: int, high: int | None) -> int | None:
 
 def make_plan(suite: SuiteConfig, registry) -> Plan:
     """Every trial of the grid, budgets solved; raises before training on a budget nobody reaches."""
-    from .backbone import spec_for
-    from .trial import backbone_task_kind, raw_data, task_for
+    from peftbench.backbones.backbone import spec_for
+    from peftbench.running.trial import backbone_task_kind, raw_data, task_for
 
     suite = finish_suite(suite.model_copy(deep=True), registry)
     entries = suite.method_entries(registry)
@@ -159,7 +159,7 @@ def _slug(text: str) -> str:
 
 def suite_name(suite: SuiteConfig, registry, all_methods: bool = False) -> str:
     """``default`` for the default grid, else a readable name from the grid's axes."""
-    from .config import MethodEntry, builtin_methods
+    from peftbench.running.config import MethodEntry, builtin_methods
 
     default = SuiteConfig(methods=[MethodEntry(name=n) for n in builtin_methods(registry)])
     if suite.hash() == default.hash():

@@ -21,8 +21,8 @@ import torch
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from .config import TrainingConfig
-from .errors import ConfigError
+from peftbench.running.config import TrainingConfig
+from peftbench.errors import ConfigError
 
 #: validation passes per trial when ``eval_every`` is null
 EVALS_PER_TRIAL = 4
@@ -200,7 +200,7 @@ class _Watch(TrainerCallback):
 def per_rank_batch(batch_size: int) -> int:
     """Under torchrun/accelerate launch the suite's batch is split over the ranks, so a trial sees the
     same batches (and takes the same steps) on one process or several."""
-    from .executors import rank_and_world
+    from peftbench.running.executors import rank_and_world
 
     world = rank_and_world()[1]
     if batch_size % world:

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import torch
 
-from .backbone import load_backbone
-from .budget import verify
-from .config import TaskEntry, TrainingConfig
-from .costs import PeakMemory, environment, latency_ratio
-from .errors import ConfigError
-from .inject import WEIGHTS_FILE
-from .plugins import get_registry
-from .tasks import REFERENCES, get_task
+from peftbench.backbones.backbone import load_backbone
+from peftbench.budget import verify
+from peftbench.running.config import TaskEntry, TrainingConfig
+from peftbench.running.costs import PeakMemory, environment, latency_ratio
+from peftbench.errors import ConfigError
+from peftbench.contract.injection import WEIGHTS_FILE
+from peftbench.contract.registry import get_registry
+from peftbench.tasks.task import REFERENCES, get_task
 
 #: generation tasks (causal LM): the model reads PROMPT, learns " " + target + eos after it
 PROMPT = "{source} ||"
@@ -120,8 +120,8 @@ def _by_length(ds):
 
 
 def _generation_eval(task, backbone, cfg: TrainingConfig, device):
-    from .metrics import compute_metrics
-    from .train import generate
+    from peftbench.tasks.metrics import compute_metrics
+    from peftbench.running.train import generate
 
     def evaluate(raw) -> dict:
         prompts = [PROMPT.format(source=s) for s in raw[task.source_column]]
@@ -171,9 +171,9 @@ def _quantized_bytes(injection) -> int | None:
 
 def run_trial(payload: dict) -> dict:
     """Train and evaluate one trial; return the store's result fields."""
-    from .metrics import compute_metrics
-    from .device import resolve_device, resolve_precision
-    from .train import Diverged, curves, train
+    from peftbench.tasks.metrics import compute_metrics
+    from peftbench.running.device import resolve_device, resolve_precision
+    from peftbench.running.train import Diverged, curves, train
 
     cfg = TrainingConfig(**payload["training"])
     if cfg.threads:
@@ -250,7 +250,7 @@ def run_trial(payload: dict) -> dict:
 
 def _ranks() -> dict:
     """``{"world_size": N}`` for a trial trained by N ranks (torchrun/accelerate launch), else nothing."""
-    from .executors import rank_and_world
+    from peftbench.running.executors import rank_and_world
 
     world = rank_and_world()[1]
     return {"world_size": world} if world > 1 else {}
@@ -258,7 +258,7 @@ def _ranks() -> dict:
 
 def _inference_overhead(name, task, backbone, injection, latency_data, seed, device, registry) -> float:
     """Forward time with the method (merged where it can be) over the plain backbone's."""
-    from .train import collator
+    from peftbench.running.train import collator
 
     plain = load_trial_backbone(name, task, seed, device, registry)
     batch = collator(backbone.tokenizer, task.kind, plain.model)([latency_data[i] for i in range(len(latency_data))])

@@ -14,8 +14,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .errors import ConfigError
-from .layout import LINEAR_SITES, ArchLayout, Site, get_path, linear_shape, resolve_site
+from peftbench.errors import ConfigError
+from peftbench.backbones.layout import LINEAR_SITES, ArchLayout, Site, get_path, linear_shape, resolve_site
 
 TaskKind = Literal["classification", "causal_lm"]
 TASK_KINDS = ("classification", "causal_lm")
@@ -151,7 +151,7 @@ class Backbone:
 
     def count_trainable(self) -> int:
         """Parameters that require grad, task head excluded (logical counts for 4-bit)."""
-        from .quant import logical_numel
+        from peftbench.backbones.quant import logical_numel
 
         return sum(logical_numel(p) for p in self.trainable_parameters().values())
 
@@ -163,7 +163,7 @@ class Backbone:
         heads = _config_int(config, names.get("heads", "num_attention_heads"))
         kv_heads = _config_int(config, names.get("kv_heads", "num_key_value_heads"), "num_key_value_heads", default=heads)
         head_dim = _config_int(config, "head_dim", default=hidden // heads)
-        from .quant import logical_numel
+        from peftbench.backbones.quant import logical_numel
 
         base_ids, base_params = set(), 0
         for p in self.base_model.parameters():
@@ -235,7 +235,7 @@ def _prepare_config(config, task: str, num_labels: int, pad_token_id: int | None
 
 def from_config(config, task: str = "classification", num_labels: int = 2, registry=None, name: str | None = None, seed: int = 0) -> Backbone:
     """A randomly initialised backbone from a transformers ``*Config`` (tests, benchmarks)."""
-    from .plugins import get_registry
+    from peftbench.contract.registry import get_registry
 
     reg = registry or get_registry()
     config = _prepare_config(config, task, num_labels, None)
@@ -250,8 +250,8 @@ def load_backbone(name: str, task: str = "classification", num_labels: int = 2, 
     """Load ``minilm``, ``smollm2``, a local HF folder or a hub id with a task head."""
     import transformers
 
-    from .assets import resolve_source
-    from .plugins import get_registry
+    from peftbench.backbones.assets import resolve_source
+    from peftbench.contract.registry import get_registry
 
     reg = registry or get_registry()
     source = resolve_source(name)
@@ -279,8 +279,8 @@ def spec_for(name: str, task: str = "classification", num_labels: int = 2, regis
     """The BackboneSpec of a named backbone without loading weights (meta device)."""
     import transformers
 
-    from .assets import resolve_source
-    from .plugins import get_registry
+    from peftbench.backbones.assets import resolve_source
+    from peftbench.contract.registry import get_registry
 
     key = (name, task, num_labels)
     if key in _SPEC_CACHE:

@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from .errors import ConfigError
+from peftbench.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .backbone import Backbone, BackboneSpec
-    from .inject import Injection
+    from peftbench.backbones.backbone import Backbone, BackboneSpec
+    from peftbench.contract.injection import Injection
 
 
 class MethodConfig(BaseModel):

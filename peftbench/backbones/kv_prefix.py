@@ -27,7 +27,7 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
-from .errors import ConfigError
+from peftbench.errors import ConfigError
 
 NAME = "peftbench_kv_prefix"
 _SLOT = "_peftbench_kv_prefix"

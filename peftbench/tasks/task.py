@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
-from .errors import ConfigError, unknown
+from peftbench.errors import ConfigError, unknown
 
 if TYPE_CHECKING:
     import datasets
@@ -56,7 +56,7 @@ class Task:
     _full: Any = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        from .metrics import DEFAULTS, METRICS
+        from peftbench.tasks.metrics import DEFAULTS, METRICS
 
         where = f"task {self.name!r}"
         if self.kind not in KINDS:
@@ -240,8 +240,8 @@ def _add_references(task: Task, ds):
 # -- resolving a spec --------------------------------------------------------------------
 def get_task(spec: str, **options) -> Task:
     """The Task a spec string names (see the module docstring); options apply to file:/hub:."""
-    from . import task_sources
-    from .plugins import get_registry
+    from peftbench.tasks import sources as task_sources
+    from peftbench.contract.registry import get_registry
 
     spec = spec.strip()
     options = {k: v for k, v in options.items() if v is not None}
@@ -263,6 +263,6 @@ def get_task(spec: str, **options) -> Task:
 
 def packaged_data(name: str) -> "datasets.DatasetDict":
     """A task file shipped in ``peftbench/data`` (see PROVENANCE.md there), as raw splits."""
-    from .task_sources import read_packaged
+    from peftbench.tasks.sources import read_packaged
 
     return read_packaged(name)

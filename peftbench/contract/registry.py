@@ -17,8 +17,8 @@ from typing import Any
 
 import pluggy
 
-from . import hookspecs
-from .errors import ConfigError, PluginError, unknown
+from peftbench.contract import hookspecs
+from peftbench.errors import ConfigError, PluginError, unknown
 
 PROJECT = "peftbench"
 DISABLE_ENV = "PEFTBENCH_DISABLE_PLUGINS"
@@ -63,7 +63,7 @@ class Registry:
 
     def layout_for(self, config):
         """The ArchLayout for a HF config: registered table first, then ``resolve_layout``."""
-        from .errors import LayoutError
+        from peftbench.errors import LayoutError
 
         model_type = getattr(config, "model_type", None)
         if model_type in self.architectures:
@@ -150,7 +150,7 @@ def build_registry(pm: pluggy.PluginManager) -> Registry:
 
     def method_register(plugin):
         def register(method, aliases=()):
-            from .method import Method
+            from peftbench.contract.method import Method
 
             obj = method() if inspect.isclass(method) else method
             if not isinstance(obj, Method):
