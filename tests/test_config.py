@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import pytest
 
-from peftbench.running.config import DEFAULT_LR, SuiteConfig, build_suite, builtin_methods, read_yaml
 from peftbench.errors import ConfigError
-from peftbench.running.runner import add_run_arguments, make_plan, resolve_suite
+from peftbench.running.config import SuiteConfig, build_suite, default_methods, read_yaml
+from peftbench.running.plan import declared_lrs, make_plan
+from peftbench.running.runner import add_run_arguments, resolve_suite
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,7 +58,7 @@ def test_include_merges_relative_files_later_wins(tmp_path):
     assert cfg.training.epochs == 2  # from base, two includes down
     assert cfg.training.batch_size == 4  # fast overrides base
     assert cfg.training.max_steps == 9  # the including file wins
-    assert cfg.training.lr == {**DEFAULT_LR, "lora": 0.001, "houlsby": 0.002}  # mappings merge key by key
+    assert cfg.training.lr == {"lora": 0.001, "houlsby": 0.002}  # mappings merge key by key
 
 
 def test_include_cycle_and_missing_file_are_errors(tmp_path):
@@ -81,7 +83,7 @@ def test_command_line_overrides_yaml_and_keeps_method_details(tmp_path, registry
     assert cfg.seed_list() == [0, 1]
     assert cfg.training.epochs == 3 and cfg.training.max_steps == 11
     assert cfg.training.lr["houlsby"] == 5e-3  # --lr adapter=... is houlsby's, and the flag beats the YAML
-    assert cfg.training.lr.get("pfeiffer") == DEFAULT_LR.get("pfeiffer")  # untouched defaults stay
+    assert cfg.training.lr["pfeiffer"] == declared_lrs(registry)["pfeiffer"] == 1e-2  # the method's declared rate stays
 
 
 def test_lr_flag_must_be_method_equals_value(registry):
@@ -112,7 +114,9 @@ def test_default_yaml_is_the_built_in_default(registry):
     assert from_flags.suite == from_yaml.suite == "default"
     names = [m.name for m in from_flags.methods]
     assert {"full", "head"} <= set(names) and "topk" not in names
-    assert names == builtin_methods(registry)
+    assert names == default_methods(registry) and names[:2] == ["full", "head"]
+    # the default suite is the one that wrote the committed example: the redesign kept its identity
+    assert from_flags.hash() == json.loads((ROOT / "reports" / "example" / "suite.json").read_text())["hash"]
     assert from_flags.tasks[0].name == "movie_sentiment" and from_flags.backbones == ["minilm"]
     assert from_flags.budgets == ["1%"] and from_flags.seed_list() == [0, 1, 2]
 

@@ -28,13 +28,13 @@ def test_torchrun_two_ranks_write_one_row_and_one_report(env, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("suite ddp: 1 done") == 1  # rank 0 alone reports
     found = rows(out, "ddp")
-    assert [r["method"] for r in found] == ["lora"]
+    assert [r.spec.method for r in found] == ["lora"]
     for r in found:
-        assert r["status"] == "done" and r["attempts"] == 1, r["error"]
-        assert r["environment"]["world_size"] == 2  # trained by both ranks ...
-        assert r["steps"] == 3  # ... on halves of the suite's batch: the same steps as one process
-        assert (out / "ddp" / "trials" / r["trial_id"] / "adapter" / "adapter_model.safetensors").is_file()
-    assert sorted(p.name for p in (out / "ddp" / "trials").iterdir()) == sorted(r["trial_id"] for r in found)
+        assert r.status == "done" and r.attempts == 1, r.error
+        assert r.result.environment["world_size"] == 2  # trained by both ranks ...
+        assert r.result.steps == 3  # ... on halves of the suite's batch: the same steps as one process
+        assert (out / "ddp" / "trials" / r.trial_id / "adapter" / "adapter_model.safetensors").is_file()
+    assert sorted(p.name for p in (out / "ddp" / "trials").iterdir()) == sorted(r.trial_id for r in found)
     assert [p.name for p in (out / "ddp").glob("report*.md")] == ["report.md"]
     assert len(json.loads((out / "ddp" / "suite.json").read_text())["runs"]) == 1
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from peftbench.errors import ConfigError
-from peftbench.contract.registry import get_registry, set_registry
-from peftbench.running.runner import make_plan, resolve_suite
+from peftbench.running.plan import make_plan
+from peftbench.running.runner import main_run, resolve_suite
 from test_runner import BROKEN_PLUGIN, base_args, env, parse, rows, run  # noqa: F401 - env is a fixture
 
 CRASH_PLUGIN = '''
@@ -40,8 +40,7 @@ def register_methods(register):
 '''
 
 #: what a trial computes (timings and paths differ between executors; these must not)
-COMPUTED = ("status", "metrics", "val_metrics", "curves", "steps", "trainable_params", "head_params", "stored_bytes",
-            "knob_value", "config")
+COMPUTED = ("metrics", "val_metrics", "best_step", "curves", "steps", "stored_bytes")
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +56,9 @@ def ray_local():
 
 def _computed(out: Path, suite: str) -> dict:
     found = {}
-    for r in rows(out, suite):
-        curves = [{k: v for k, v in c.items()} for c in (r["curves"] or [])]
-        found[r["trial_id"]] = {**{k: r[k] for k in COMPUTED}, "curves": curves}
+    for r in rows(out, suite):  # the whole spec (config, lr, sizes) and what the trial computed
+        found[r.trial_id] = {"status": r.status, "spec": r.spec.model_copy(update={"suite": ""}),
+                             **{k: getattr(r.result, k) for k in COMPUTED}}
     return found
 
 
@@ -75,15 +74,15 @@ def test_ray_gives_the_local_rows_and_a_rerun_skips(env, ray_local, tmp_path, ca
     suites = [json.loads((out / s / "suite.json").read_text()) for s in ("local", "ray")]
     assert suites[0]["hash"] == suites[1]["hash"]
     for r in rows(out, "ray"):  # the driver wrote each worker's artifacts path; the worker wrote the files
-        assert Path(r["artifacts"]).is_absolute()
-        assert (Path(r["artifacts"]) / "adapter" / "adapter_model.safetensors").is_file()
+        assert Path(r.result.artifacts).is_absolute()
+        assert (Path(r.result.artifacts) / "adapter" / "adapter_model.safetensors").is_file()
     assert "head" in (out / "ray" / "report.md").read_text()
     capsys.readouterr()
 
-    before = {r["trial_id"]: r["finished_at"] for r in rows(out, "ray")}
+    before = {r.trial_id: r.finished_at for r in rows(out, "ray")}
     assert run(base_args(env, out, *grid, "--suite", "ray", "--executor", "ray")) == 0
     assert "2 skipped" in capsys.readouterr().out
-    assert {r["trial_id"]: r["finished_at"] for r in rows(out, "ray")} == before
+    assert {r.trial_id: r.finished_at for r in rows(out, "ray")} == before
 
 
 def test_ray_records_a_raising_trial_and_a_dead_worker_as_failed(env, ray_local, tmp_path):
@@ -91,20 +90,18 @@ def test_ray_records_a_raising_trial_and_a_dead_worker_as_failed(env, ray_local,
     plugins.mkdir()
     (plugins / "broken.py").write_text(BROKEN_PLUGIN)
     (plugins / "crash.py").write_text(CRASH_PLUGIN)
-    set_registry(get_registry(plugins_dir=plugins))  # the workers load the same folder
-    try:
-        out = tmp_path / "reports"
-        argv = base_args(env, out, "--methods", "broken,crash,head", "--seeds", "1", "--suite", "bad", "--executor", "ray")
-        assert run(argv) == 1
-    finally:
-        set_registry(None)
-    found = {r["method"]: r for r in rows(out, "bad")}
-    assert found["head"]["status"] == "done", found["head"]["error"]
-    assert found["broken"]["status"] == "failed" and "RuntimeError: boom" in found["broken"]["error"]
-    assert "boom" in (Path(found["broken"]["artifacts"]) / "error.txt").read_text()
+    out = tmp_path / "reports"
+    args = parse(base_args(env, out, "--methods", "broken,crash,head", "--seeds", "1", "--suite", "bad",
+                           "--executor", "ray"))
+    args.plugins_dir = str(plugins)  # the workers load the same folder
+    assert main_run(args) == 1
+    found = {r.spec.method: r for r in rows(out, "bad")}
+    assert found["head"].status == "done", found["head"].error
+    assert found["broken"].status == "failed" and "RuntimeError: boom" in found["broken"].error
+    assert "boom" in (Path(found["broken"].result.artifacts) / "error.txt").read_text()
     crash = found["crash"]
-    assert crash["status"] == "failed" and crash["error"].startswith("ray: WorkerCrashedError"), crash["error"]
-    assert "WorkerCrashedError" in (Path(crash["artifacts"]) / "error.txt").read_text()
+    assert crash.status == "failed" and crash.error.startswith("ray: WorkerCrashedError"), crash.error
+    assert "WorkerCrashedError" in (Path(crash.result.artifacts) / "error.txt").read_text()
     report = (out / "bad" / "report.md").read_text()
     assert "WorkerCrashedError" in report and "boom" in report
 
@@ -124,9 +121,9 @@ def test_artifacts_go_to_an_fsspec_url(env, tmp_path):
     assert run(base_args(env, out, "--methods", "head", "--seeds", "1", "--suite", "url",
                          "--artifacts-dir", "memory://peftbench-test/arts")) == 0
     (row,) = rows(out, "url")
-    assert row["status"] == "done" and row["artifacts"] == f"memory://peftbench-test/arts/{row['trial_id']}"
+    assert row.status == "done" and row.result.artifacts == f"memory://peftbench-test/arts/{row.trial_id}"
     fs = fsspec.filesystem("memory")
-    files = {p.rsplit("/", 1)[-1] for p in fs.find(f"/peftbench-test/arts/{row['trial_id']}")}
+    files = {p.rsplit("/", 1)[-1] for p in fs.find(f"/peftbench-test/arts/{row.trial_id}")}
     assert {"adapter_model.safetensors", "curves.json", "log.jsonl"} <= files
     assert not (out / "url" / "trials").exists()
     missing = "gcsfs"  # a filesystem package that is not installed gives a clear error

@@ -20,8 +20,10 @@ import pytest
 
 import peftbench
 from peftbench.errors import BudgetError, ConfigError
-from peftbench.contract.registry import get_registry, set_registry
-from peftbench.running.runner import add_run_arguments, main_run, make_plan, resolve_suite
+from peftbench.running.execute import execute_trial
+from peftbench.running.options import RunOptions
+from peftbench.running.plan import make_plan
+from peftbench.running.runner import add_run_arguments, main_run, resolve_suite
 from peftbench.results.store import Store
 from run_helpers import make_sentiment_csv, make_tiny_model
 
@@ -75,9 +77,9 @@ def run(argv: list[str]) -> int:
     return main_run(parse(argv))
 
 
-def rows(out: Path, suite: str) -> list[dict]:
+def rows(out: Path, suite: str):
     with Store(out / suite / "results.sqlite", create=False) as store:
-        return store.rows()
+        return store.records()
 
 
 # -- planning ----------------------------------------------------------------------------------
@@ -90,32 +92,33 @@ def test_grid_expands_solves_and_ids_are_stable(env, registry):
     assert len(plan.trials) == (2 + 2 * 2) * 2 and not plan.unreachable
     assert len({t.trial_id for t in plan.trials}) == len(plan.trials)
     for t in plan.trials:
-        method = registry.method(t.row["method"])
+        method = registry.method(t.method)
+        assert t.lr == method.schedule_lr  # no lr given: each method's tuned rate, on the spec
         if method.budgeted:
-            sol = peftbench.solve(method, method.config(), spec, t.row["budget"])
-            assert t.row["knob_value"] == sol.value and t.row["trainable_params"] == sol.params
-            assert t.payload["method_config"][method.knob] == sol.value
-            assert t.row["knob_step"] > 0
+            sol = peftbench.solve(method, method.config(), spec, t.budget)
+            assert t.knob_value == sol.value and t.trainable_params == sol.params
+            assert t.method_config[method.knob] == sol.value
+            assert t.knob_step > 0 and t.target_params == sol.target and t.reference is None
         else:
-            assert t.row["budget"] is None and t.row["knob_value"] is None
-    baselines = [t for t in plan.trials if t.row["method"] in ("head", "full")]
-    assert sorted((t.row["method"], t.row["seed"]) for t in baselines) == [("full", 0), ("full", 1), ("head", 0), ("head", 1)]
+            assert t.budget is None and t.knob_value is None and t.reference in ("ceiling", "floor")
+    baselines = [t for t in plan.trials if t.method in ("head", "full")]
+    assert sorted((t.method, t.seed) for t in baselines) == [("full", 0), ("full", 1), ("head", 0), ("head", 1)]
     again = make_plan(resolve_suite(args, registry), registry)
     assert [t.trial_id for t in again.trials] == [t.trial_id for t in plan.trials]
     other_lr = make_plan(resolve_suite(parse([*base_args(env, env["root"], "--methods", "lora,adapter,head,full",
                                                          "--budget", "5%,20%", "--seeds", "2"), "--lr", "lora=0.1"]),
                                       registry), registry)
-    changed = {t.row["method"] for t, u in zip(plan.trials, other_lr.trials) if t.trial_id != u.trial_id}
+    changed = {t.method for t, u in zip(plan.trials, other_lr.trials) if t.trial_id != u.trial_id}
     assert changed == {"lora"}
-    assert all(t.payload["lr"] == 0.1 for t in other_lr.trials if t.row["method"] == "lora")
+    assert all(t.lr == 0.1 for t in other_lr.trials if t.method == "lora")
 
 
 def test_unreachable_budget_is_a_row_and_a_budget_nobody_reaches_an_error(env, registry):
     # on the tiny BERT, lora spans 0.9%..28.6% and houlsby 2.3%..30.4% of the parameters
     plan = make_plan(resolve_suite(parse(base_args(env, env["root"], "--methods", "lora,houlsby", "--budget", "1%")),
                                    registry), registry)
-    assert [t.row["method"] for t in plan.trials] == ["lora"]
-    assert [t.row["method"] for t in plan.unreachable] == ["houlsby"]
+    assert [t.method for t in plan.trials] == ["lora"]
+    assert [t.method for t in plan.unreachable] == ["houlsby"] and not plan.unreachable[0].reachable
     assert "not reachable" in plan.unreachable[0].note and "m in 1.." in plan.unreachable[0].note
     with pytest.raises(BudgetError, match=r"budget 50%.*none of the selected methods.*lora.*houlsby"):
         make_plan(resolve_suite(parse(base_args(env, env["root"], "--methods", "lora,houlsby,head", "--budget", "50%")),
@@ -146,33 +149,34 @@ def test_run_writes_rows_artifacts_report_and_rerun_skips(env, tmp_path, capsys)
     out = tmp_path / "reports"
     argv = base_args(env, out, "--methods", "lora,head", "--budget", "5%", "--seeds", "1", "--suite", "two")
     assert run(argv) == 0
-    found = {r["method"]: r for r in rows(out, "two")}
+    found = {r.spec.method: r for r in rows(out, "two")}
     assert set(found) == {"lora", "head"}
-    for r in found.values():
-        assert r["status"] == "done", r["error"]
-        assert r["steps"] == 3 and set(r["metrics"]) == {"accuracy", "macro_f1", "mcc"}
-        assert 0 <= r["metrics"]["accuracy"] <= 1 and r["val_metrics"]["accuracy"] is not None
-        assert r["step_time_s"] > 0 and r["train_time_s"] > 0 and r["inference_overhead"] > 0
-        assert r["peak_mem_bytes"] > 10 * 2**20 and r["mem_kind"] == "rss"
-        assert r["head_params"] == 66 and r["base_params"] == 28_608
-        assert r["environment"]["versions"]["torch"] == __import__("torch").__version__
-        trial_dir = Path(r["artifacts"])
+    for record in found.values():
+        r = record.result
+        assert record.status == "done", record.error
+        assert r.steps == 3 and set(r.metrics) == {"accuracy", "macro_f1", "mcc"}
+        assert 0 <= r.metrics["accuracy"] <= 1 and r.val_metrics["accuracy"] is not None
+        assert r.best_step in (3,) and r.step_time_s > 0 and r.train_time_s > 0 and r.inference_overhead > 0
+        assert r.peak_mem_bytes > 10 * 2**20 and r.mem_kind == "rss"
+        assert record.spec.head_params == 66 and record.spec.base_params == 28_608
+        assert r.environment["versions"]["torch"] == __import__("torch").__version__
+        trial_dir = Path(r.artifacts)
         assert (trial_dir / "adapter" / "adapter_model.safetensors").is_file()
         assert json.loads((trial_dir / "curves.json").read_text())[-1]["step"] == 3
     lora = found["lora"]
-    assert lora["knob"] == "r" and lora["knob_value"] == 6 and lora["trainable_params"] == 1_536
-    assert lora["stored_bytes"] >= 1_536 * 4 and found["head"]["stored_bytes"] < 1_000
+    assert lora.spec.knob == "r" and lora.spec.knob_value == 6 and lora.spec.trainable_params == 1_536
+    assert lora.result.stored_bytes >= 1_536 * 4 and found["head"].result.stored_bytes < 1_000
     report = (out / "two" / "report.md").read_text()
     assert "lora" in report and "head" in report
     info = json.loads((out / "two" / "suite.json").read_text())
     assert info["suite"] == "two" and "--methods lora,head" in info["command"]
     capsys.readouterr()
 
-    before = {r["trial_id"]: r["finished_at"] for r in rows(out, "two")}
+    before = {r.trial_id: r.finished_at for r in rows(out, "two")}
     started = time.perf_counter()
     assert run(argv) == 0
     assert "2 skipped" in capsys.readouterr().out
-    assert {r["trial_id"]: r["finished_at"] for r in rows(out, "two")} == before
+    assert {r.trial_id: r.finished_at for r in rows(out, "two")} == before
     assert time.perf_counter() - started < 30  # nothing trained again
     assert run([*argv, "--dry-run"]) == 0
     assert "2 trials (2 already done, 0 to run)" in capsys.readouterr().out
@@ -182,25 +186,24 @@ def test_failed_and_diverged_trials_are_recorded_and_the_grid_goes_on(env, tmp_p
     plugins = tmp_path / "plugins"
     plugins.mkdir()
     (plugins / "broken.py").write_text(BROKEN_PLUGIN)
-    set_registry(get_registry(plugins_dir=plugins))
-    try:
-        out = tmp_path / "reports"
-        argv = base_args(env, out, "--methods", "broken,full,qlora", "--budget", "5%", "--seeds", "1", "--suite", "bad",
-                         "--lr", "full=1e30")
-        assert run(argv) == 1  # a failed trial makes the exit status 1, after the report
-    finally:
-        set_registry(None)
-    found = {r["method"]: r for r in rows(out, "bad")}
-    assert found["broken"]["status"] == "failed"
-    assert "RuntimeError: boom" in found["broken"]["error"]
-    assert "boom" in (Path(found["broken"]["artifacts"] if found["broken"]["artifacts"] else
-                           out / "bad" / "trials" / found["broken"]["trial_id"]) / "error.txt").read_text()
-    assert found["full"]["status"] == "diverged" and "nan" in found["full"]["error"].lower()
+    out = tmp_path / "reports"
+    argv = base_args(env, out, "--methods", "broken,full,qlora", "--budget", "5%", "--seeds", "1", "--suite", "bad",
+                     "--lr", "full=1e30")
+    args = parse(argv)
+    args.plugins_dir = str(plugins)  # `peftbench --plugins-dir DIR run ...`
+    assert main_run(args) == 1  # a failed trial makes the exit status 1, after the report
+    found = {r.spec.method: r for r in rows(out, "bad")}
+    assert found["broken"].status == "failed"
+    assert "RuntimeError: boom" in found["broken"].error
+    assert "boom" in (Path(found["broken"].result.artifacts) / "error.txt").read_text()
+    assert found["full"].status == "diverged" and "nan" in found["full"].error.lower()
+    assert found["full"].result.steps is not None  # what the trial got before it diverged is kept
     qlora = found["qlora"]
-    assert qlora["status"] == "done", qlora["error"]
+    assert qlora.status == "done", qlora.error
     # the block linears of the tiny BERT hold 2 x (4 x 32x32 + 2 x 32x48) = 14,336 weights: in 4-bit that
     # is at least half a byte each (plus quantization constants), and far below their fp32 bytes
-    assert 14_336 // 2 <= qlora["quantized_bytes"] < 14_336 * 4
+    cost = qlora.result.costs["4-bit weights"]
+    assert cost.unit == "bytes" and 14_336 // 2 <= cost.value < 14_336 * 4
     report = (out / "bad" / "report.md").read_text()
     assert "boom" in report and "diverged" in report
 
@@ -235,16 +238,16 @@ def test_kill_9_mid_grid_loses_only_the_trial_in_flight(env, tmp_path):
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-    killed = {r["trial_id"]: r for r in rows(out, "killed")}
-    done_before = {t: r["finished_at"] for t, r in killed.items() if r["status"] == "done"}
-    in_flight = [t for t, r in killed.items() if r["status"] == "running"]
+    killed = {r.trial_id: r for r in rows(out, "killed")}
+    done_before = {t: r.finished_at for t, r in killed.items() if r.status == "done"}
+    in_flight = [t for t, r in killed.items() if r.status == "running"]
     assert len(in_flight) == 1
 
     assert run(argv) == 0
-    after = {r["trial_id"]: r for r in rows(out, "killed")}
-    assert len(after) == 4 and all(r["status"] == "done" for r in after.values())
-    assert {t: after[t]["finished_at"] for t in done_before} == done_before  # kept, not rerun
-    assert after[in_flight[0]]["attempts"] == 2
+    after = {r.trial_id: r for r in rows(out, "killed")}
+    assert len(after) == 4 and all(r.status == "done" for r in after.values())
+    assert {t: after[t].finished_at for t in done_before} == done_before  # kept, not rerun
+    assert after[in_flight[0]].attempts == 2
 
 
 def _statuses(db: Path) -> list[str]:
@@ -257,21 +260,23 @@ def _statuses(db: Path) -> list[str]:
         return []
 
 
-def test_generation_trial_trains_on_the_target_only_and_decodes(tmp_path):
+def test_generation_trial_trains_on_the_target_only_and_decodes(tmp_path, registry):
     """A causal LM on e2e_nlg: loss masked on the source, validation and test by greedy decoding."""
     import torch
 
-    from peftbench.running.config import TaskEntry, TrainingConfig
-    from peftbench.running.runner import execute_trial
-    from peftbench.running.trial import encoded_data, load_trial_backbone, raw_data, task_for
+    from peftbench.results.records import TrainingSpec
+    from peftbench.running.plan import trial_spec
+    from peftbench.running.trial import load_trial_backbone
+    from peftbench.tasks.data import encoded_data, raw_data, task_for
+    from peftbench.tasks.entry import TaskEntry
 
     model = make_tiny_model(tmp_path / "tiny-gpt2", "gpt2", causal=True, positions=512)
-    training = TrainingConfig(max_steps=2, batch_size=4, eval_batch_size=4, max_length=500, threads=1, patience=None,
-                              eval_every=2, train_limit=8, eval_limit=3, test_limit=3, max_new_tokens=4)
+    training = TrainingSpec(max_steps=2, batch_size=4, eval_batch_size=4, max_length=500, patience=None,
+                            eval_every=2, train_limit=8, eval_limit=3, test_limit=3, max_new_tokens=4)
     entry = TaskEntry(name="e2e_nlg")
-    task = task_for(entry)
+    task = task_for(entry, registry)
     raw_data(task, entry, training)
-    backbone = load_trial_backbone(str(model), task, seed=0, device=torch.device("cpu"))
+    backbone = load_trial_backbone(str(model), task, seed=0, device=torch.device("cpu"), registry=registry)
     row = encoded_data(task, entry, backbone, training)["train"][0]
     cut = row["labels"].count(-100)
     assert 0 < cut < len(row["input_ids"])
@@ -279,33 +284,35 @@ def test_generation_trial_trains_on_the_target_only_and_decodes(tmp_path):
     assert backbone.tokenizer.decode(row["input_ids"][:cut]).endswith("||")  # ... the source prompt is not
     assert row["input_ids"][-1] == backbone.tokenizer.eos_token_id
 
-    payload = {"trial_id": "gen", "task": entry.model_dump(), "backbone": str(model), "method": "lora",
-               "method_config": {"r": 2}, "budget": "1%", "seed": 0, "lr": 1e-3,
-               "training": training.model_dump(), "artifacts": str(tmp_path / "trial"), "quiet": True}
-    outcome = execute_trial(payload)
-    assert outcome["status"] == "done", outcome["error"]
-    result = outcome["result"]
-    assert set(result["metrics"]) == {"bleu", "rouge_l"} and set(result["val_metrics"]) == {"bleu", "rouge_l"}
-    assert all(0 <= v <= 100 for v in result["metrics"].values())
-    assert result["primary_metric"] == "bleu" and result["head_params"] == 0 and result["steps"] == 2
+    spec = trial_spec(registry, task=entry, backbone=str(model), method="lora", method_config={"r": 2}, lr=1e-3,
+                      training=training)
+    assert spec.primary_metric == "bleu" and spec.head_params == 0
+    outcome = execute_trial(spec, RunOptions(threads=1, quiet=True), str(tmp_path / "trial"), registry)
+    assert outcome.status == "done", outcome.error
+    result = outcome.result
+    assert set(result.metrics) == {"bleu", "rouge_l"} and set(result.val_metrics) == {"bleu", "rouge_l"}
+    assert all(0 <= v <= 100 for v in result.metrics.values())
+    assert result.steps == 2
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_decoder_classifier_pads_left_and_is_padding_invariant(tmp_path, arch):
+def test_decoder_classifier_pads_left_and_is_padding_invariant(tmp_path, arch, registry):
     """Decoders classify from the last token: left padding keeps it in place, so a padded row scores as alone."""
     import torch
 
-    from peftbench.running.config import TaskEntry, TrainingConfig
+    from peftbench.results.records import TrainingSpec
     from peftbench.running.train import collator
-    from peftbench.running.trial import encoded_data, load_trial_backbone, raw_data, task_for
+    from peftbench.running.trial import load_trial_backbone
+    from peftbench.tasks.data import encoded_data, raw_data, task_for
+    from peftbench.tasks.entry import TaskEntry
 
     model = make_tiny_model(tmp_path / arch, arch)
     data = make_sentiment_csv(tmp_path / "d.csv", rows=40)
     entry = TaskEntry(name=f"file:{data}", text_columns=["review"], label_column="sentiment")
-    training = TrainingConfig(max_length=64, threads=1)
-    task = task_for(entry)
+    training = TrainingSpec(max_length=64)
+    task = task_for(entry, registry)
     raw_data(task, entry, training)
-    backbone = load_trial_backbone(str(model), task, seed=0, device=torch.device("cpu"))
+    backbone = load_trial_backbone(str(model), task, seed=0, device=torch.device("cpu"), registry=registry)
     assert backbone.spec.is_decoder and backbone.tokenizer.padding_side == "left"
     rows = encoded_data(task, entry, backbone, training)["test"]
     rows = sorted((rows[i] for i in range(len(rows))), key=lambda r: len(r["input_ids"]))
@@ -320,21 +327,45 @@ def test_decoder_classifier_pads_left_and_is_padding_invariant(tmp_path, arch):
     torch.testing.assert_close(together[0], alone[0], rtol=1e-4, atol=1e-5)
 
 
-def test_early_stopping_stops_after_patience_and_keeps_the_best(env):
+def test_early_stopping_stops_after_patience_and_keeps_the_best(env, registry):
     """With a learning rate too small to change anything, validation never improves after step 1."""
-    from peftbench.running.config import TaskEntry, TrainingConfig
-    from peftbench.running.runner import execute_trial
+    from peftbench.results.records import TrainingSpec
+    from peftbench.running.plan import trial_spec
+    from peftbench.tasks.entry import TaskEntry
 
-    training = TrainingConfig(max_steps=10, eval_every=1, patience=2, batch_size=8, max_length=40, threads=1,
-                              train_limit=None, eval_limit=None, test_limit=None)
-    payload = {"trial_id": "stop", "task": TaskEntry(name=f"file:{env['data']}", text_columns=["review"],
-                                                     label_column="sentiment").model_dump(),
-               "backbone": env["model"], "method": "lora", "method_config": {"r": 2}, "budget": "1%", "seed": 0,
-               "lr": 1e-12, "training": training.model_dump(), "artifacts": None, "quiet": True}
-    outcome = execute_trial(payload)
-    assert outcome["status"] == "done", outcome["error"]
-    result = outcome["result"]
-    assert result["steps"] == 3  # best at step 1, then 2 passes without improvement
-    validated = [c for c in result["curves"] if c["val_metric"] is not None]
-    assert [c["step"] for c in validated] == [1, 2, 3]
-    assert result["val_metrics"]["accuracy"] == validated[0]["val_metric"]
+    training = TrainingSpec(max_steps=10, eval_every=1, patience=2, batch_size=8, max_length=40,
+                            train_limit=None, eval_limit=None, test_limit=None)
+    entry = TaskEntry(name=f"file:{env['data']}", text_columns=["review"], label_column="sentiment")
+    spec = trial_spec(registry, task=entry, backbone=env["model"], method="lora", method_config={"r": 2}, lr=1e-12,
+                      training=training)
+    outcome = execute_trial(spec, RunOptions(threads=1, quiet=True), None, registry)
+    assert outcome.status == "done", outcome.error
+    result = outcome.result
+    assert result.steps == 3  # best at step 1, then 2 passes without improvement
+    validated = [c for c in result.curves if c.val_metric is not None]
+    assert [c.step for c in validated] == [1, 2, 3]
+    assert result.val_metrics["accuracy"] == validated[0].val_metric and result.best_step == 1
+
+
+def test_search_trial_never_reads_test(env, registry):
+    """A search trial is selected on validation: it computes no test metric, and the store refuses one."""
+    from peftbench.results.records import TrainingSpec, TrialResult
+    from peftbench.results.store import StoreError
+    from peftbench.running.plan import trial_spec
+    from peftbench.tasks.entry import TaskEntry
+
+    entry = TaskEntry(name=f"file:{env['data']}", text_columns=["review"], label_column="sentiment")
+    training = TrainingSpec(max_steps=2, eval_every=2, batch_size=8, max_length=40)
+    spec = trial_spec(registry, task=entry, backbone=env["model"], method="lora", method_config={"r": 2},
+                      training=training, role="search")
+    final = spec.model_copy(update={"role": "final"})
+    assert spec.trial_id != final.trial_id  # the role is part of what a trial is
+    outcome = execute_trial(spec, RunOptions(threads=1, quiet=True), None, registry)
+    assert outcome.status == "done", outcome.error
+    assert outcome.result.metrics == {} and set(outcome.result.val_metrics) >= {"accuracy"}
+    with Store(env["root"] / "search.sqlite") as store:
+        store.start(spec)
+        with pytest.raises(StoreError, match="search trial.*no test metric"):
+            store.finish(spec.trial_id, TrialResult(metrics={"accuracy": 0.5}))
+        store.finish(spec.trial_id, outcome.result)
+        assert store.get(spec.trial_id).result.metrics == {}

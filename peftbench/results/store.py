@@ -1,10 +1,14 @@
 """The results store: one SQLite row per trial, written only by the driver (rank 0).
 
+The columns come from the records (``results.records``): one per ``TrialSpec`` field, the
+trial's state, one per ``TrialResult`` field; nested values are JSON. Readers get typed
+``TrialRecord`` objects back, never raw JSON.
+
 Each write is one committed transaction, so a run killed with ``kill -9`` loses only the
 trial in flight: its row stays ``running`` and ``is_done`` says it must run again. Finished
 rows (``done``, ``unreachable``) are never overwritten; ``failed`` and ``diverged`` rows are
 retried on the next run (``attempts`` counts the tries). WAL mode lets the report (or
-several readers) read while a run writes.
+several readers) read while a run writes. A search trial never stores a test metric.
 """
 
 from __future__ import annotations
@@ -13,40 +17,23 @@ import json
 import math
 import sqlite3
 import threading
+import types
+import typing
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from peftbench.errors import PeftbenchError
+from pydantic import BaseModel, ValidationError
 
-SCHEMA_VERSION = 1
-STATUSES = ("running", "done", "failed", "diverged", "unreachable")
+from peftbench.errors import PeftbenchError
+from peftbench.results import migrate
+from peftbench.results.records import TrialRecord, TrialResult, TrialSpec
+
+SCHEMA_VERSION = 2
 FINISHED = ("done", "unreachable")  # a rerun skips these; the others run again
 FAILURES = ("failed", "diverged", "unreachable")
-
-# column -> SQL type; JSON columns hold dicts/lists (encoded with sorted keys)
-IDENTITY = {
-    "trial_id": "TEXT PRIMARY KEY", "suite": "TEXT", "task": "TEXT", "backbone": "TEXT", "method": "TEXT",
-    "budget": "TEXT", "seed": "INTEGER", "knob": "TEXT", "knob_value": "INTEGER",
-    # parameters one knob step adds near the solved value (the budget's granularity)
-    "knob_step": "INTEGER", "config": "JSON", "config_hash": "TEXT",
-}
-STATE = {"status": "TEXT NOT NULL", "error": "TEXT", "attempts": "INTEGER NOT NULL DEFAULT 0"}
-RESULT = {
-    "primary_metric": "TEXT", "direction": "TEXT", "metrics": "JSON", "val_metrics": "JSON",
-    "trainable_params": "INTEGER", "head_params": "INTEGER", "base_params": "INTEGER", "achieved_pct": "REAL",
-    "target_params": "INTEGER", "stored_params": "INTEGER", "stored_bytes": "INTEGER",
-    "quantized_bytes": "INTEGER", "step_time_s": "REAL", "peak_mem_bytes": "INTEGER", "mem_kind": "TEXT",
-    "inference_overhead": "REAL", "train_time_s": "REAL", "steps": "INTEGER", "curves": "JSON",
-    "environment": "JSON", "artifacts": "TEXT",
-}
-TIMES = {"started_at": "TEXT", "finished_at": "TEXT"}
-COLUMNS = {**IDENTITY, **STATE, **RESULT, **TIMES}
-JSON_COLUMNS = {name for name, kind in COLUMNS.items() if kind == "JSON"}
-# what start() accepts (a trial) and what finish()/fail() accept (a result)
-TRIAL_KEYS = set(IDENTITY) | set(RESULT)
-RESULT_KEYS = set(RESULT) | {"knob", "knob_value", "knob_step"}
+TABLE = "trials"
 
 
 class StoreError(PeftbenchError):
@@ -57,52 +44,83 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+# -- columns, from the records ---------------------------------------------------------------
+def _sql_type(annotation) -> str:
+    """INTEGER / REAL / TEXT for scalars (optional or not), JSON for anything nested."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        annotation = args[0]
+    if typing.get_origin(annotation) is typing.Literal or annotation is str:
+        return "TEXT"
+    if annotation in (int, bool):
+        return "INTEGER"
+    if annotation is float:
+        return "REAL"
+    return "JSON"
+
+
+def _columns(model: type[BaseModel]) -> dict[str, str]:
+    return {name: _sql_type(field.annotation) for name, field in model.model_fields.items()}
+
+
+SPEC_COLUMNS = _columns(TrialSpec)
+STATE_COLUMNS = {"status": "TEXT", "error": "TEXT", "attempts": "INTEGER", "started_at": "TEXT", "finished_at": "TEXT"}
+RESULT_COLUMNS = _columns(TrialResult)
+COLUMNS = {"trial_id": "TEXT", "config_hash": "TEXT", **SPEC_COLUMNS, **STATE_COLUMNS, **RESULT_COLUMNS}
+assert len(COLUMNS) == 2 + len(SPEC_COLUMNS) + len(STATE_COLUMNS) + len(RESULT_COLUMNS), "records share a field name"
+
+
 def _plain(value: Any) -> Any:
-    """numpy/torch scalars and Paths as plain JSON/SQLite values."""
+    """numpy/torch scalars and Paths as plain JSON values."""
     if isinstance(value, Path):
         return str(value)
     item = getattr(value, "item", None)
     if callable(item) and not isinstance(value, (str, bytes, list, tuple, dict)):
         return item()
-    return value
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable: {value!r}")
 
 
-def _json_default(value: Any) -> Any:
-    plain = _plain(value)
-    if plain is value:
-        raise TypeError(f"{type(value).__name__} is not JSON serialisable: {value!r}")
-    return plain
-
-
-def _encode(column: str, value: Any) -> Any:
-    if value is None:
-        return None
-    if column in JSON_COLUMNS:
-        return json.dumps(value, sort_keys=True, default=_json_default)
-    value = _plain(value)
-    if isinstance(value, float) and math.isnan(value) and COLUMNS[column] == "INTEGER":
-        return None
-    return value
-
-
-def _decode(row: sqlite3.Row) -> dict:
+def _encode(model: BaseModel, columns: dict[str, str]) -> dict[str, Any]:
+    """Column values of ``model``: JSON text for nested fields (NaN kept), plain values else."""
+    data = model.model_dump()
     out = {}
-    for key in row.keys():
-        value = row[key]
-        out[key] = json.loads(value) if key in JSON_COLUMNS and value is not None else value
+    for name, kind in columns.items():
+        value = data[name]
+        if value is not None and kind == "JSON":
+            value = json.dumps(value, sort_keys=True, default=_plain)
+        elif isinstance(value, float) and math.isnan(value):
+            value = None
+        out[name] = value
     return out
 
 
-def _check_keys(what: str, data: dict, allowed: set[str]) -> None:
-    extra = sorted(set(data) - allowed)
-    if extra:
-        raise StoreError(f"{what}: unknown store field(s) {', '.join(extra)}; allowed: {', '.join(sorted(allowed))}")
+def _decode(row: sqlite3.Row, columns: dict[str, str]) -> dict[str, Any]:
+    out = {}
+    for name, kind in columns.items():
+        value = row[name]
+        if value is not None:
+            out[name] = json.loads(value) if kind == "JSON" else value
+    return out
+
+
+def _record(row: sqlite3.Row) -> TrialRecord:
+    has_result = any(row[name] is not None for name in RESULT_COLUMNS)
+    return TrialRecord(
+        trial_id=row["trial_id"], spec=TrialSpec(**_decode(row, SPEC_COLUMNS)), status=row["status"],
+        error=row["error"], attempts=row["attempts"] or 0, started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        result=TrialResult(**_decode(row, RESULT_COLUMNS)) if has_result else None,
+    )
 
 
 class Store:
-    """``<out>/<suite>/results.sqlite``. ``create=False`` refuses a missing file."""
+    """``<out>/<suite>/results.sqlite``. ``create=False`` refuses a missing file.
 
-    def __init__(self, path: str | Path, create: bool = True):
+    ``registry`` (optional) lets a store written by an older peftbench be migrated with what
+    today's methods declare (their reference-baseline role).
+    """
+
+    def __init__(self, path: str | Path, create: bool = True, registry=None):
         self.path = Path(path)
         if not create and not self.path.is_file():
             raise StoreError(f"no results store at {self.path}")
@@ -113,27 +131,55 @@ class Store:
         self._conn.execute("PRAGMA busy_timeout = 60000")
         self._conn.execute("PRAGMA journal_mode = WAL")
         self._conn.execute("PRAGMA synchronous = FULL")  # a finished trial survives a power cut too
-        self._migrate()
+        self._open_schema(registry)
 
     # -- schema --------------------------------------------------------------------------
-    def _migrate(self) -> None:
+    def _open_schema(self, registry) -> None:
         with self._write() as db:
             db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
             row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
             version = int(row[0]) if row else None
+            has_table = db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (TABLE,)).fetchone()
             if version is not None and version > SCHEMA_VERSION:
-                raise StoreError(
-                    f"{self.path} has schema version {version}, newer than this peftbench reads ({SCHEMA_VERSION}); "
-                    "upgrade peftbench"
-                )
-            columns = ", ".join(f"{name} {kind.replace('JSON', 'TEXT')}" for name, kind in COLUMNS.items())
-            db.execute(f"CREATE TABLE IF NOT EXISTS trials ({columns})")
-            present = {r[1] for r in db.execute("PRAGMA table_info(trials)")}
-            for name, kind in COLUMNS.items():  # additive migration: new nullable columns only
-                if name not in present:
-                    db.execute(f"ALTER TABLE trials ADD COLUMN {name} {kind.replace('JSON', 'TEXT').replace(' NOT NULL', '')}")
-            db.execute("CREATE INDEX IF NOT EXISTS trials_suite ON trials (suite)")
+                raise StoreError(f"{self.path} has schema version {version}, newer than this peftbench reads "
+                                 f"({SCHEMA_VERSION}); upgrade peftbench")
+            if has_table and (version or 1) < SCHEMA_VERSION:
+                try:
+                    rows = migrate.v1_rows(db, TABLE, registry)
+                except (ValueError, ValidationError, KeyError, TypeError) as exc:
+                    raise StoreError(f"{self.path} has schema version {version or 1}, which this peftbench "
+                                     f"({SCHEMA_VERSION}) cannot migrate: {exc}") from None
+                db.execute(f"ALTER TABLE {TABLE} RENAME TO {TABLE}_v1")
+                self._create(db)
+                for record in rows:
+                    self._insert(db, record)
+                db.execute(f"DROP TABLE {TABLE}_v1")
+            else:
+                self._create(db)
             db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+
+    @staticmethod
+    def _create(db) -> None:
+        columns = ", ".join(f"{name} {kind.replace('JSON', 'TEXT')}" + (" PRIMARY KEY" if name == "trial_id" else "")
+                            for name, kind in COLUMNS.items())
+        db.execute(f"CREATE TABLE IF NOT EXISTS {TABLE} ({columns})")
+        present = {r[1] for r in db.execute(f"PRAGMA table_info({TABLE})")}
+        missing = sorted(set(COLUMNS) - present)
+        if missing:
+            raise StoreError(f"table {TABLE} lacks columns {missing} of schema version {SCHEMA_VERSION}")
+        db.execute(f"CREATE INDEX IF NOT EXISTS {TABLE}_suite ON {TABLE} (suite)")
+
+    @staticmethod
+    def _insert(db, record: TrialRecord, replace: bool = False) -> None:
+        values = {"trial_id": record.trial_id, "config_hash": record.spec.config_hash,
+                  **_encode(record.spec, SPEC_COLUMNS),
+                  "status": record.status, "error": record.error, "attempts": record.attempts,
+                  "started_at": record.started_at, "finished_at": record.finished_at,
+                  **(_encode(record.result, RESULT_COLUMNS) if record.result is not None
+                     else dict.fromkeys(RESULT_COLUMNS))}
+        verb = "INSERT OR REPLACE" if replace else "INSERT"
+        db.execute(f"{verb} INTO {TABLE} ({', '.join(values)}) VALUES ({', '.join('?' for _ in values)})",
+                   tuple(values.values()))
 
     def schema_version(self) -> int:
         return int(self._conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
@@ -151,77 +197,79 @@ class Store:
             self._conn.execute("COMMIT")
 
     # -- reads ---------------------------------------------------------------------------
-    def get(self, trial_id: str) -> dict | None:
+    def get(self, trial_id: str) -> TrialRecord | None:
         with self._lock:
-            row = self._conn.execute("SELECT * FROM trials WHERE trial_id = ?", (trial_id,)).fetchone()
-        return None if row is None else _decode(row)
+            row = self._conn.execute(f"SELECT * FROM {TABLE} WHERE trial_id = ?", (trial_id,)).fetchone()
+        return None if row is None else _record(row)
 
-    def rows(self, suite: str | None = None) -> list[dict]:
-        """Every row (of one suite), in a stable order."""
-        order = "ORDER BY suite, task, backbone, method, budget, seed, trial_id"
+    def records(self, suite: str | None = None) -> list[TrialRecord]:
+        """Every trial (of one suite), in a stable order."""
         with self._lock:
             if suite is None:
-                found = self._conn.execute(f"SELECT * FROM trials {order}").fetchall()
+                found = self._conn.execute(f"SELECT * FROM {TABLE}").fetchall()
             else:
-                found = self._conn.execute(f"SELECT * FROM trials WHERE suite = ? {order}", (suite,)).fetchall()
-        return [_decode(r) for r in found]
+                found = self._conn.execute(f"SELECT * FROM {TABLE} WHERE suite = ?", (suite,)).fetchall()
+        records = [_record(r) for r in found]
+        return sorted(records, key=lambda r: (r.spec.suite, r.spec.task.name, r.spec.backbone, r.spec.method,
+                                              r.spec.budget is not None, r.spec.budget or "", r.spec.seed,
+                                              r.spec.role, r.trial_id))
 
     def is_done(self, trial_id: str) -> bool:
         """True for ``done`` and ``unreachable`` rows; running/failed/diverged run again."""
-        row = self.get(trial_id)
+        with self._lock:
+            row = self._conn.execute(f"SELECT status FROM {TABLE} WHERE trial_id = ?", (trial_id,)).fetchone()
         return row is not None and row["status"] in FINISHED
 
     # -- writes --------------------------------------------------------------------------
-    def start(self, trial: dict) -> None:
+    def start(self, spec: TrialSpec) -> None:
         """Record a trial as running (a retry of a failed/diverged/killed row replaces it)."""
-        _check_keys("Store.start", trial, TRIAL_KEYS)
-        if not trial.get("trial_id"):
-            raise StoreError("Store.start: the trial has no trial_id")
+        if not isinstance(spec, TrialSpec):
+            raise StoreError(f"Store.start takes a TrialSpec, not {type(spec).__name__}")
         with self._write() as db:
-            old = db.execute("SELECT status, attempts FROM trials WHERE trial_id = ?", (trial["trial_id"],)).fetchone()
+            old = db.execute(f"SELECT status, attempts FROM {TABLE} WHERE trial_id = ?", (spec.trial_id,)).fetchone()
             if old is not None and old["status"] in FINISHED:
-                raise StoreError(f"trial {trial['trial_id']} is already {old['status']}; refusing to overwrite it")
-            values = {name: None for name in COLUMNS}
-            values.update({k: _encode(k, v) for k, v in trial.items()})
-            values.update(status="running", error=None, started_at=now(), finished_at=None,
-                          attempts=(old["attempts"] if old else 0) + 1)
-            names = ", ".join(values)
-            marks = ", ".join("?" for _ in values)
-            db.execute(f"INSERT OR REPLACE INTO trials ({names}) VALUES ({marks})", tuple(values.values()))
+                raise StoreError(f"trial {spec.trial_id} is already {old['status']}; refusing to overwrite it")
+            record = TrialRecord(trial_id=spec.trial_id, spec=spec, status="running", started_at=now(),
+                                 attempts=(old["attempts"] or 0 if old else 0) + 1)
+            self._insert(db, record, replace=True)
 
-    def finish(self, trial_id: str, result: dict) -> None:
+    def unreachable(self, spec: TrialSpec) -> None:
+        """Record a trial whose budget its method cannot reach (it never runs; the note says why)."""
+        with self._write() as db:
+            old = db.execute(f"SELECT status FROM {TABLE} WHERE trial_id = ?", (spec.trial_id,)).fetchone()
+            if old is not None and old["status"] in FINISHED:
+                raise StoreError(f"trial {spec.trial_id} is already {old['status']}; refusing to overwrite it")
+            stamp = now()
+            self._insert(db, TrialRecord(trial_id=spec.trial_id, spec=spec, status="unreachable", error=spec.note,
+                                         attempts=1, started_at=stamp, finished_at=stamp), replace=True)
+
+    def finish(self, trial_id: str, result: TrialResult) -> None:
         """Record a started trial as done with its metrics and costs (one transaction)."""
         self._close(trial_id, "done", None, result)
 
-    def fail(self, trial_id: str, status: str, error: str, result: dict | None = None) -> None:
-        """Record ``failed``/``diverged``/``unreachable`` with the reason.
+    def fail(self, trial_id: str, status: str, error: str, result: TrialResult | None = None) -> None:
+        """Record ``failed``/``diverged`` with the reason and what the trial got so far."""
+        if status not in ("failed", "diverged"):
+            raise StoreError(f"Store.fail: status {status!r} is not one of failed, diverged")
+        self._close(trial_id, status, str(error), result)
 
-        An ``unreachable`` trial never started: then ``result`` carries its identity fields
-        (suite, task, backbone, method, budget, seed, ...) and a row is created.
-        """
-        if status not in FAILURES:
-            raise StoreError(f"Store.fail: status {status!r} is not one of {', '.join(FAILURES)}")
-        self._close(trial_id, status, str(error), result or {})
-
-    def _close(self, trial_id: str, status: str, error: str | None, result: dict) -> None:
-        allowed = TRIAL_KEYS if status == "unreachable" else RESULT_KEYS
-        _check_keys(f"Store.{'finish' if status == 'done' else 'fail'}", result, allowed - {"trial_id"})
+    def _close(self, trial_id: str, status: str, error: str | None, result: TrialResult | None) -> None:
+        if result is not None and not isinstance(result, TrialResult):
+            raise StoreError(f"Store.{'finish' if status == 'done' else 'fail'} takes a TrialResult, "
+                             f"not {type(result).__name__}")
         with self._write() as db:
-            old = db.execute("SELECT status FROM trials WHERE trial_id = ?", (trial_id,)).fetchone()
-            if old is None and status != "unreachable":
-                raise StoreError(f"trial {trial_id} was never started; call Store.start first")
-            if old is not None and old["status"] in FINISHED:
-                raise StoreError(f"trial {trial_id} is already {old['status']}; refusing to overwrite it")
-            values = {k: _encode(k, v) for k, v in result.items()}
-            values.update(status=status, error=error, finished_at=now())
+            old = db.execute(f"SELECT * FROM {TABLE} WHERE trial_id = ?", (trial_id,)).fetchone()
             if old is None:
-                values.update(trial_id=trial_id, attempts=1, started_at=values["finished_at"])
-                names = ", ".join(values)
-                db.execute(f"INSERT INTO trials ({names}) VALUES ({', '.join('?' for _ in values)})",
-                           tuple(values.values()))
-            else:
-                sets = ", ".join(f"{k} = ?" for k in values)
-                db.execute(f"UPDATE trials SET {sets} WHERE trial_id = ?", (*values.values(), trial_id))
+                raise StoreError(f"trial {trial_id} was never started; call Store.start first")
+            if old["status"] in FINISHED:
+                raise StoreError(f"trial {trial_id} is already {old['status']}; refusing to overwrite it")
+            record = _record(old)
+            if record.spec.role == "search" and result is not None and result.metrics:
+                raise StoreError(f"trial {trial_id} is a search trial: it is selected on validation only and "
+                                 f"stores no test metric (got {sorted(result.metrics)})")
+            record = record.model_copy(update={"status": status, "error": error, "finished_at": now(),
+                                               "result": result})
+            self._insert(db, record, replace=True)
 
     # -- lifetime ------------------------------------------------------------------------
     def close(self) -> None:

@@ -3,15 +3,18 @@
 A suite is YAML (``configs/*.yaml``; ``include:`` other files, relative to the including
 file, merged with later values winning) overridden by command-line flags. Unknown keys are
 errors that name the field path and the file. The defaults are the embedded comparison:
-``minilm`` on ``movie_sentiment``, every built-in method plus ``full`` and ``head``, a 1%
-budget, 3 seeds, and a training length that finishes on 2 CPU cores in 15 minutes.
+``minilm`` on ``movie_sentiment``, every method that declares ``in_default_grid`` (the
+built-in PEFT methods plus full fine-tuning and the head alone), a 1% budget, 3 seeds, and a
+training length that finishes on 2 CPU cores in 15 minutes.
+
+The suite's identity (``SuiteConfig.identity``/``hash``) leaves out where and how it runs
+(device, threads, executor, output folders): those are run options, never trial identity.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -20,32 +23,16 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from peftbench.budget import parse_budget
-from peftbench.errors import BudgetError, ConfigError
 from peftbench.contract.method import format_validation_error
+from peftbench.errors import BudgetError, ConfigError
+from peftbench.results.records import REFERENCE_ROLES, TrainingSpec, canonical_json
+from peftbench.tasks.entry import TaskEntry
 
 DEFAULT_TASK = "movie_sentiment"
 DEFAULT_BACKBONE = "minilm"
 DEFAULT_BUDGET = "1%"
 DEFAULT_SEEDS = 3
-#: built-in methods left out of the default grid (``topk`` is optional: ``--methods ...,topk``)
-OPTIONAL_METHODS = ("topk",)
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-#: learning rates for the default schedule (50 steps of 16 on MiniLM, linear decay): the best of three
-#: values per method by best-checkpoint VALIDATION accuracy in a one-seed sweep on movie_sentiment
-#: (``python benchmarks/lr_sweep.py``; validation accuracy of the three values in brackets, 200 examples,
-#: 0.46 = the majority class). Test accuracy played no part. At the methods' own default_lr most stay at
-#: chance in 50 steps. Methods not listed use their ``default_lr``; ``--lr``/``training.lr`` entries
-#: override these one by one. For long schedules the methods' own defaults are the better start.
-DEFAULT_LR: dict[str, float] = {
-    "full": 2e-4,  # (5e-5: 0.480, 1e-4: 0.780, 2e-4: 0.795)
-    "head": 3e-2,  # (3e-3: 0.460, 1e-2: 0.470, 3e-2: 0.540) the head alone stays near chance in 50 steps
-    "lora": 5e-3,  # (2e-3: 0.520, 5e-3: 0.805, 1e-2: 0.795)
-    "qlora": 5e-3,  # (2e-3: 0.460, 5e-3: 0.805, 1e-2: 0.785)
-    "adapter_lora": 5e-3,  # (2e-3: 0.645, 5e-3: 0.805, 1e-2: 0.785)
-    "houlsby": 3e-3,  # (1e-3: 0.460, 3e-3: 0.755, 1e-2: 0.705)
-    "pfeiffer": 1e-2,  # (3e-3: 0.640, 1e-2: 0.790, 3e-2: 0.460)
-    "ptuning_v2": 1e-1,  # (1e-2: 0.460, 3e-2: 0.640, 1e-1: 0.650)
-}
 
 
 class _Strict(BaseModel):
@@ -60,42 +47,18 @@ class MethodEntry(_Strict):
     lr: float | None = Field(None, gt=0)
 
 
-class TaskEntry(_Strict):
-    """A task; ``file:``/``hub:`` tasks name their columns (``text_columns: [text]``, ``label_column: label``)."""
+class TrainingConfig(TrainingSpec):
+    """The ``training:`` section: a ``TrainingSpec`` (what a trial computes) plus the learning rates
+    per method and the run options (device, threads, saving weights), which are not trial identity.
 
-    name: str
-    text_columns: list[str] | None = None
-    label_column: str | None = None
-    kind: Literal["classification", "generation"] | None = Field(None, description="file:/hub: tasks (default classification)")
+    ``lr`` maps a method to its learning rate; a method not listed uses its declared
+    ``schedule_lr`` (tuned for the default schedule), else its ``default_lr``.
+    """
 
-    @field_validator("text_columns", mode="before")
-    @classmethod
-    def _one_or_many(cls, value):
-        return [value] if isinstance(value, str) else value
+    model_config = ConfigDict(extra="forbid", frozen=False)
 
-
-class TrainingConfig(_Strict):
-    """How every trial trains. ``lr`` maps a method to its learning rate (else ``method.default_lr``)."""
-
-    epochs: float = Field(1.0, gt=0)
-    max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
-    batch_size: int = Field(16, ge=1)
-    eval_batch_size: int = Field(64, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    lr: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_LR))
-    warmup_ratio: float = Field(0.06, ge=0, lt=1)
-    weight_decay: float = Field(0.01, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
-    max_length: int = Field(128, ge=8)
-    eval_every: int | None = Field(25, ge=1, description="steps between validation passes; null: 4 per trial")
-    patience: int | None = Field(3, ge=1, description="validation passes without improvement before stopping; null: never")
-    train_limit: int | None = Field(800, ge=1, description="seeded subsample of the training split; null: all of it")
-    eval_limit: int | None = Field(200, ge=1, description="seeded subsample of validation; null: all of it")
-    test_limit: int | None = Field(500, ge=1, description="seeded subsample of test; null: all of it")
-    data_seed: int = Field(0, description="seed of the subsamples (the same for every method and seed)")
-    max_new_tokens: int = Field(64, ge=1, description="generation tasks: greedy decoding length")
+    lr: dict[str, float] = Field(default_factory=dict)
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: the CPUs this process may use)")
     save_weights: bool = Field(True, description="save each trial's adapter weights (safetensors) in its folder")
 
@@ -113,6 +76,14 @@ class TrainingConfig(_Strict):
             if not lr > 0:
                 raise ValueError(f"learning rate of {name!r} must be > 0 (got {lr})")
         return value
+
+    def spec(self) -> TrainingSpec:
+        """The part of this section that is trial identity."""
+        return TrainingSpec(**self.model_dump(include=set(TrainingSpec.model_fields)))
+
+
+#: training options that change how a trial runs, not what it computes (never in ids and hashes)
+RUN_ONLY = tuple(sorted(set(TrainingConfig.model_fields) - set(TrainingSpec.model_fields) - {"lr"}))
 
 
 _RAY_ADDRESS = re.compile(r"^(auto|ray://[^\s/:]+:\d+|[^\s/:]+:\d+)$")
@@ -142,7 +113,7 @@ class SuiteConfig(_Strict):
     out: str = "reports"
     tasks: list[TaskEntry] = Field(default_factory=lambda: [TaskEntry(name=DEFAULT_TASK)], min_length=1)
     backbones: list[str] = Field(default_factory=lambda: [DEFAULT_BACKBONE], min_length=1)
-    #: null: every built-in method (``full`` and ``head`` included, ``topk`` left out)
+    #: null: every method that declares ``in_default_grid``
     methods: list[MethodEntry] | None = None
     budgets: list[str] = Field(default_factory=lambda: [DEFAULT_BUDGET], min_length=1)
     seeds: int | list[int] = DEFAULT_SEEDS
@@ -203,8 +174,8 @@ class SuiteConfig(_Strict):
         return list(range(self.seeds)) if isinstance(self.seeds, int) else list(self.seeds)
 
     def method_entries(self, registry) -> list[MethodEntry]:
-        """Canonical method entries (aliases resolved); ``None`` means every built-in method."""
-        raw = self.methods if self.methods is not None else [MethodEntry(name=n) for n in builtin_methods(registry)]
+        """Canonical method entries (aliases resolved); ``None`` means the default grid's methods."""
+        raw = self.methods if self.methods is not None else [MethodEntry(name=n) for n in default_methods(registry)]
         entries, seen = [], {}
         for i, entry in enumerate(raw):
             try:
@@ -217,34 +188,27 @@ class SuiteConfig(_Strict):
             entries.append(entry.model_copy(update={"name": name}))
         return entries
 
-    def hash(self) -> str:
-        """What identifies the suite's results (run-only options such as device left out)."""
+    def identity(self) -> dict:
+        """What identifies the suite's results: everything but where and how it runs."""
         data = self.model_dump(mode="json", exclude=set(SUITE_RUN_ONLY))
         for key in RUN_ONLY:
             data["training"].pop(key, None)
-        return hashlib.sha256(canonical_json(data).encode()).hexdigest()[:16]
+        return data
+
+    def hash(self) -> str:
+        return hashlib.sha256(canonical_json(self.identity()).encode()).hexdigest()[:16]
 
 
-#: training options that change how a trial runs, not what it computes (left out of ids and hashes)
-RUN_ONLY = ("device", "threads", "save_weights")
 #: suite fields that say where and how the grid runs, not what it computes (left out of the hash)
 SUITE_RUN_ONLY = ("suite", "out", "executor", "ray", "artifacts_dir")
 
 
-def canonical_json(data: Any) -> str:
-    return json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
-
-
-def builtin_methods(registry) -> list[str]:
-    """Every method registered by the built-in plugins (``peftbench_plugins``), minus the optional ones."""
-    names = []
-    for name, entry in registry.methods.items():
-        plugin = registry.pm.get_plugin(entry.plugin)
-        module = getattr(plugin, "__name__", "")
-        if module.startswith("peftbench_plugins") and name not in OPTIONAL_METHODS:
-            names.append(name)
-    order = ["full", "head"]
-    return sorted(names, key=lambda n: (n not in order, order.index(n) if n in order else 0, n))
+def default_methods(registry) -> list[str]:
+    """The methods of the default grid (each declares ``in_default_grid``): reference baselines first."""
+    names = [name for name, entry in registry.methods.items() if getattr(entry.obj, "in_default_grid", False)]
+    refs = {name: getattr(registry.methods[name].obj, "reference", None) for name in names}
+    rank = {role: i for i, role in enumerate(REFERENCE_ROLES)}  # full fine-tuning (the ceiling), then the floor
+    return sorted(names, key=lambda n: (refs[n] is None, rank.get(refs[n], len(rank)), n))
 
 
 # -- YAML ------------------------------------------------------------------------------------
@@ -293,7 +257,6 @@ def build_suite(config_path: str | Path | None = None, overrides: dict | None = 
 
 def validate_suite(data: dict, source: str | Path | None = None) -> SuiteConfig:
     """A SuiteConfig from merged data; errors name the field path (and the file)."""
-    data = merge({"training": {"lr": dict(DEFAULT_LR)}}, data)  # an lr entry overrides one default, not all
     try:
         return SuiteConfig(**data)
     except ValidationError as exc:

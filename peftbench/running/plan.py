@@ -1,50 +1,35 @@
-"""The grid: tasks x backbones x methods x budgets x seeds, each budget solved per method.
+"""The plan: tasks x backbones x methods x budgets x seeds, each budget solved per method.
 
-Budgeted methods get their knob from the solver on the backbone's spec; baselines (``full``,
-``head``) run once per seed whatever the budgets. A trial's id is a hash of its resolved
-config, so the same command names the same trials and a rerun can skip finished ones.
+Budgeted methods get their knob from the solver on the backbone's spec; reference baselines
+(full fine-tuning, the head alone) run once per seed whatever the budgets. Every cell becomes
+one ``TrialSpec``, built here once: its learning rate, its size as the solver planned it, its
+id (a hash of what it computes), so the same command names the same trials and a rerun skips
+finished ones.
 """
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from peftbench.backbones.backbone import spec_for
 from peftbench.budget import solve
-from peftbench.running.config import RUN_ONLY, SuiteConfig, TaskEntry, canonical_json
 from peftbench.errors import BudgetError, ConfigError
+from peftbench.results.records import TrialSpec
+from peftbench.running.config import SuiteConfig, default_methods
+from peftbench.tasks.data import backbone_task_kind, raw_data, task_for
+from peftbench.tasks.entry import TaskEntry
 
 
 # -- the plan --------------------------------------------------------------------------------
 @dataclass
-class Trial:
-    """One cell of the grid: its store row identity and the payload an executor runs."""
-
-    trial_id: str
-    row: dict  # identity + planned sizes, as Store.start takes them
-    payload: dict
-    note: str = ""  # the solver's note for an unreachable budget
-
-    @property
-    def label(self) -> str:
-        r = self.row
-        short = lambda name: Path(name.removeprefix("file:")).name if "/" in name else name  # noqa: E731
-        return f"{short(r['task'])} {short(r['backbone'])} {r['method']} {r['budget'] or '(no budget)'} seed {r['seed']}"
-
-
-@dataclass
 class Plan:
     suite: SuiteConfig
     name: str
-    trials: list[Trial] = field(default_factory=list)  # runnable
-    unreachable: list[Trial] = field(default_factory=list)
+    trials: list[TrialSpec] = field(default_factory=list)  # runnable
+    unreachable: list[TrialSpec] = field(default_factory=list)
     specs: dict = field(default_factory=dict)  # (task, backbone) -> BackboneSpec
-
-
-def trial_hash(config: dict) -> str:
-    return hashlib.sha256(canonical_json(config).encode()).hexdigest()
 
 
 def _knob_step(method, cfg, spec, value: int, high: int | None) -> int | None:
@@ -55,36 +40,38 @@ def _knob_step(method, cfg, spec, value: int, high: int | None) -> int | None:
     return count(value + 1) - count(value) if value < high else count(value) - count(value - 1) if value > 1 else None
 
 
+def learning_rate(method, entry_lr: float | None, suite_lrs: dict[str, float]) -> float:
+    """The trial's learning rate: the method entry's, else the finished suite's ``training.lr`` for
+    the method (its declared ``schedule_lr`` unless the suite set one), else the method's default."""
+    for value in (entry_lr, suite_lrs.get(method.name)):
+        if value is not None:
+            return float(value)
+    return float(method.default_lr)
+
+
 def make_plan(suite: SuiteConfig, registry) -> Plan:
     """Every trial of the grid, budgets solved; raises before training on a budget nobody reaches."""
-    from peftbench.backbones.backbone import spec_for
-    from peftbench.running.trial import backbone_task_kind, raw_data, task_for
-
     suite = finish_suite(suite.model_copy(deep=True), registry)
-    entries = suite.method_entries(registry)
-    lrs = suite.training.lr
     methods = []
-    for i, entry in enumerate(entries):
+    for i, entry in enumerate(suite.methods):
         method = registry.method(entry.name)
         if method.budgeted and method.knob and method.knob in entry.config:
             raise ConfigError(f"field 'methods.{i}.config.{method.knob}': {method.knob!r} is {method.name}'s size knob, "
                               "set by the budget solver from the budgets; remove it (or choose the size with a budget)")
-        cfg = method.config(entry.config)
-        lr = entry.lr or lrs.get(method.name) or method.default_lr
-        methods.append((method, cfg, lr))
-    training = suite.training.model_dump(mode="json", exclude={"lr", *RUN_ONLY})
+        methods.append((method, method.config(entry.config), learning_rate(method, entry.lr, suite.training.lr)))
+    training = suite.training.spec()
     plan = Plan(suite=suite, name=suite.suite)
-    seeds = suite.seed_list()
     for task_entry in suite.tasks:
-        task = task_for(task_entry)
-        raw_data(task, task_entry, suite.training)  # checks columns and labels now, not mid-grid
+        task = task_for(task_entry, registry)
+        raw_data(task, task_entry, training)  # checks columns and labels now, not mid-grid
         for backbone in suite.backbones:
             spec = spec_for(backbone, task=backbone_task_kind(task), num_labels=max(task.num_labels, 1), registry=registry)
             plan.specs[(task_entry.name, backbone)] = spec
             solved = _solve_all(methods, spec, suite.budgets, backbone)
-            for seed in seeds:
+            for seed in suite.seed_list():
                 for method, cfg, lr, budget, sol in solved:
-                    trial = _trial(plan.name, task_entry, task, backbone, spec, method, cfg, lr, budget, sol, seed, training)
+                    trial = _trial(plan.name, task_entry, task, backbone, spec, method, cfg, lr, budget, sol, seed,
+                                   training)
                     (plan.trials if sol.reachable else plan.unreachable).append(trial)
     return plan
 
@@ -103,47 +90,57 @@ def _solve_all(methods, spec, budgets: list[str], backbone: str) -> list[tuple]:
 
 
 def _trial(suite_name_: str, task_entry: TaskEntry, task, backbone: str, spec, method, cfg, lr: float,
-           budget: str | None, sol, seed: int, training: dict) -> Trial:
+           budget: str | None, sol, seed: int, training, role: str = "final") -> TrialSpec:
     cfg = method.with_knob(cfg, sol.value) if (budget and sol.value is not None) else cfg
-    config = {
-        "task": task_entry.model_dump(mode="json"),
-        "backbone": backbone,
-        "method": method.name,
-        "method_config": cfg.model_dump(mode="json"),
-        "budget": budget,
-        "seed": seed,
-        "lr": lr,
-        "training": training,
-    }
-    digest = trial_hash(config)
-    trial_id = digest[:16]
-    row = {
-        "trial_id": trial_id, "suite": suite_name_, "task": task_entry.name, "backbone": backbone,
-        "method": method.name, "budget": budget, "seed": seed, "knob": method.knob,
-        "knob_value": method.knob_value(cfg) if method.knob else None,
-        "knob_step": _knob_step(method, cfg, spec, sol.value, sol.knob_high) if budget else None,
-        "config": config, "config_hash": digest,
-        "primary_metric": task.primary_metric, "direction": task.direction,
-        "trainable_params": sol.params, "head_params": spec.head_params, "base_params": spec.base_params,
-        "achieved_pct": 100 * sol.params / spec.base_params, "target_params": sol.target,
-        "stored_params": sol.stored,
-    }
-    return Trial(trial_id, row, payload={**config, "trial_id": trial_id}, note=sol.note)
+    return TrialSpec(
+        suite=suite_name_, role=role, task=task_entry, backbone=backbone, method=method.name,
+        method_config=cfg.model_dump(mode="json"), budget=budget, seed=seed, lr=lr, training=training,
+        primary_metric=task.primary_metric, direction=task.direction, knob=method.knob,
+        knob_value=method.knob_value(cfg) if method.knob else None,
+        knob_step=_knob_step(method, cfg, spec, sol.value, sol.knob_high) if budget else None,
+        target_params=sol.target, trainable_params=sol.params, stored_params=sol.stored,
+        head_params=spec.head_params, base_params=spec.base_params, reference=getattr(method, "reference", None),
+        reachable=sol.reachable, note=sol.note,
+    )
+
+
+def trial_spec(registry, *, task: TaskEntry, backbone: str, method: str, method_config: dict | None = None,
+               seed: int = 0, lr: float | None = None, training=None, budget: str | None = None,
+               suite: str = "adhoc", role: str = "final") -> TrialSpec:
+    """One trial outside a grid, planned like a grid's: sized by the solver when ``budget`` is
+    given, else at the config's own knob value (then the budget does not apply)."""
+    from peftbench.results.records import TrainingSpec
+
+    found = registry.method(method)
+    cfg = found.config(method_config or {})
+    training = training or TrainingSpec()
+    task_obj = task_for(task, registry)
+    raw_data(task_obj, task, training)
+    spec = spec_for(backbone, task=backbone_task_kind(task_obj), num_labels=max(task_obj.num_labels, 1),
+                    registry=registry)
+    return _trial(suite, task, task_obj, backbone, spec, found, cfg, learning_rate(found, lr, declared_lrs(registry)),
+                  budget, solve(found, cfg, spec, budget), seed, training, role)
 
 
 # -- names -----------------------------------------------------------------------------------
-def finish_suite(suite: SuiteConfig, registry) -> SuiteConfig:
-    """Methods as canonical entries (``adapter`` and ``houlsby`` are one suite) and a suite name."""
+def declared_lrs(registry) -> dict[str, float]:
+    """Each method's declared ``schedule_lr`` (tuned for the default schedule), where it has one."""
+    return {n: e.obj.schedule_lr for n, e in registry.methods.items() if getattr(e.obj, "schedule_lr", None)}
+
+
+def finish_suite(suite: SuiteConfig, registry, name: bool = True) -> SuiteConfig:
+    """Methods as canonical entries (``adapter`` and ``houlsby`` are one suite), the learning rates
+    (each method's declared ``schedule_lr`` unless the suite sets one) and a suite name."""
     all_methods = suite.methods is None
     suite.methods = suite.method_entries(registry)
-    lrs = {}
-    for key, value in suite.training.lr.items():  # defaults come first, so a later (user) entry wins
+    lrs = declared_lrs(registry)
+    for key, value in suite.training.lr.items():  # the suite's entries win over the declared ones
         try:
             lrs[registry.canonical(key)] = value
         except ConfigError as exc:
             raise ConfigError(f"field 'training.lr.{key}': {exc}") from None
     suite.training.lr = lrs
-    if suite.suite is None:
+    if suite.suite is None and name:
         suite.suite = suite_name(suite, registry, all_methods)
     return suite
 
@@ -159,9 +156,10 @@ def _slug(text: str) -> str:
 
 def suite_name(suite: SuiteConfig, registry, all_methods: bool = False) -> str:
     """``default`` for the default grid, else a readable name from the grid's axes."""
-    from peftbench.running.config import MethodEntry, builtin_methods
+    from peftbench.running.config import MethodEntry
 
-    default = SuiteConfig(methods=[MethodEntry(name=n) for n in builtin_methods(registry)])
+    default = finish_suite(SuiteConfig(methods=[MethodEntry(name=n) for n in default_methods(registry)]), registry,
+                           name=False)
     if suite.hash() == default.hash():
         return "default"
     methods = "all" if all_methods else "+".join(e.name for e in suite.method_entries(registry))
@@ -187,21 +185,20 @@ def print_plan(plan: Plan, done: set[str] | None = None) -> None:
     print("budget: a method's trainable parameters / backbone parameters (task head excluded)\n")
     rows, seen = [], {}
     for t in plan.trials + plan.unreachable:
-        r = t.row
-        key = (r["task"], r["backbone"], r["method"], r["budget"])
+        key = (t.task.name, t.backbone, t.method, t.budget)
         if key in seen:
             seen[key][-1] += 1
             continue
-        status = "unreachable" if t in plan.unreachable else "run"
-        knob = f"{r['knob']}={r['knob_value']}" if r["knob"] else "—"
-        rows.append([r["task"], r["backbone"], r["budget"] or "—", r["method"], knob, f"{r['trainable_params']:,}",
-                     f"{r['achieved_pct']:.3f}%", f"{t.payload['lr']:g}", status, 1])
+        status = "run" if t.reachable else "unreachable"
+        knob = f"{t.knob}={t.knob_value}" if t.knob else "—"
+        rows.append([t.task.name, t.backbone, t.budget or "—", t.method, knob, f"{t.trainable_params:,}",
+                     f"{t.achieved_pct:.3f}%", f"{t.lr:g}", status, 1])
         seen[key] = rows[-1]
     print(_table(["task", "backbone", "budget", "method", "knob", "trainable", "achieved", "lr", "status", "seeds"],
                  [[str(c) for c in row] for row in rows]))
     for t in plan.unreachable:
-        if t.row["seed"] == plan.suite.seed_list()[0]:
-            print(f"\n{t.row['method']} at {t.row['budget']}: {t.note}")
+        if t.seed == plan.suite.seed_list()[0]:
+            print(f"\n{t.method} at {t.budget}: {t.note}")
     n_done = sum(1 for t in plan.trials if t.trial_id in done)
     print(f"\nsuite {plan.name}: {len(plan.trials)} trials ({n_done} already done, {len(plan.trials) - n_done} to run), "
           f"{len(plan.unreachable)} unreachable; seeds {plan.suite.seed_list()}")

@@ -21,7 +21,7 @@ import torch
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from peftbench.running.config import TrainingConfig
+from peftbench.results.records import CurvePoint, TrainingSpec
 from peftbench.errors import ConfigError
 
 #: validation passes per trial when ``eval_every`` is null
@@ -35,7 +35,7 @@ class Diverged(RuntimeError):
 
     log_history: list[dict] = []
     steps: int = 0
-    result: dict = {}
+    result = None  # the TrialResult of what the trial got before it diverged
 
 
 @dataclass
@@ -86,7 +86,7 @@ def collator(tokenizer, kind: str, model=None):
     return _PositionsFromMask(pad) if tokenizer.padding_side == "left" and takes_positions else pad
 
 
-def plan_steps(train_size: int, cfg: TrainingConfig) -> int:
+def plan_steps(train_size: int, cfg: TrainingSpec) -> int:
     """Optimizer steps the trial will take (before early stopping)."""
     if cfg.max_steps:
         return cfg.max_steps
@@ -200,7 +200,7 @@ class _Watch(TrainerCallback):
 def per_rank_batch(batch_size: int) -> int:
     """Under torchrun/accelerate launch the suite's batch is split over the ranks, so a trial sees the
     same batches (and takes the same steps) on one process or several."""
-    from peftbench.running.executors import rank_and_world
+    from peftbench.running.distributed import rank_and_world
 
     world = rank_and_world()[1]
     if batch_size % world:
@@ -209,7 +209,7 @@ def per_rank_batch(batch_size: int) -> int:
     return batch_size // world
 
 
-def training_arguments(cfg: TrainingConfig, lr: float, seed: int, total_steps: int, device: torch.device,
+def training_arguments(cfg: TrainingSpec, lr: float, seed: int, total_steps: int, device: torch.device,
                        precision: str, output_dir: str) -> TrainingArguments:
     eval_every = cfg.eval_every or max(1, math.ceil(total_steps / EVALS_PER_TRIAL))
     return TrainingArguments(
@@ -242,7 +242,7 @@ def training_arguments(cfg: TrainingConfig, lr: float, seed: int, total_steps: i
     )
 
 
-def train(backbone, data, task, cfg: TrainingConfig, *, lr: float, seed: int, device: torch.device, precision: str,
+def train(backbone, data, task, cfg: TrainingSpec, *, lr: float, seed: int, device: torch.device, precision: str,
           metric_fn: Callable[[object], dict], generation_eval: Callable[[object], dict] | None = None,
           desc: str = "trial", quiet: bool = False) -> tuple[TrainOutcome, _Trainer, _Watch]:
     """Train ``backbone.model`` (already frozen + injected) and restore its best validation state.
@@ -297,7 +297,7 @@ def _argmax(logits, labels):
     return logits.argmax(dim=-1)
 
 
-def curves(log_history: list[dict], primary: str) -> list[dict]:
+def curves(log_history: list[dict], primary: str) -> list[CurvePoint]:
     """[{step, loss, val_metric}] from the Trainer's log (None where a point has no value)."""
     points: dict[int, dict] = {}
     key = f"eval_{primary}"
@@ -310,7 +310,7 @@ def curves(log_history: list[dict], primary: str) -> list[dict]:
             point["loss"] = entry["loss"]
         if key in entry:
             point["val_metric"] = entry[key]
-    return [points[s] for s in sorted(points)]
+    return [CurvePoint(**points[s]) for s in sorted(points)]
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""The Task contract: what a benchmark task is, how it loads, and how a spec string names one.
+"""The Task contract: what a benchmark task is and how it loads (``tasks.resolve`` names one).
 
 A ``Task`` says what a trainer and an evaluator need: its kind, its text column(s) (one, or
 two for sentence pairs), its label column (the target text for generation), its label names,
@@ -8,7 +8,7 @@ no split is empty, no label appears at validation/test time that train never had
 class labels encoded as a ``ClassLabel`` column. Generation tasks also get a ``references``
 column: every target of the same source within its split (E2E has several per input).
 
-``get_task(spec, **options)`` resolves, in this order:
+``tasks.resolve.get_task(spec, registry, **options)`` resolves a spec string, in this order:
 
 - ``file:PATH`` (.csv, .tsv, .json, .jsonl, .parquet) with ``text_column``, ``label_column``;
 - ``hub:NAME`` (anything ``datasets.load_dataset`` takes) with the same column options;
@@ -235,34 +235,3 @@ def _add_references(task: Task, ds):
     if REFERENCES in ds.column_names:
         ds = ds.remove_columns(REFERENCES)
     return ds.add_column(REFERENCES, refs, feature=datasets.Sequence(datasets.Value("string")))
-
-
-# -- resolving a spec --------------------------------------------------------------------
-def get_task(spec: str, **options) -> Task:
-    """The Task a spec string names (see the module docstring); options apply to file:/hub:."""
-    from peftbench.tasks import sources as task_sources
-    from peftbench.contract.registry import get_registry
-
-    spec = spec.strip()
-    options = {k: v for k, v in options.items() if v is not None}
-    if spec.startswith("file:"):
-        return task_sources.file_task(spec[len("file:"):], **options)
-    if spec.startswith("hub:"):
-        return task_sources.hub_task(spec[len("hub:"):], **options)
-    if options:
-        raise ConfigError(f"task {spec!r}: options {sorted(options)} apply only to file: and hub: tasks")
-    if spec in task_sources.BENCHMARKS:
-        return task_sources.benchmark_task(spec)
-    registered = get_registry().tasks
-    if spec in registered:
-        return registered[spec].obj
-    task_sources.refuse_unsupported(spec)
-    raise ConfigError(unknown("task", spec, [*registered, *task_sources.BENCHMARKS])
-                      + "; or use file:PATH or hub:NAME with --text-column/--label-column")
-
-
-def packaged_data(name: str) -> "datasets.DatasetDict":
-    """A task file shipped in ``peftbench/data`` (see PROVENANCE.md there), as raw splits."""
-    from peftbench.tasks.sources import read_packaged
-
-    return read_packaged(name)

@@ -1,0 +1,67 @@
+"""The suite folder ``<out>/<suite>``: ``suite.json`` (what the suite is, the commands that ran it),
+``results.sqlite`` and the trials' artifacts. A folder holding another suite's results is
+refused before anything in it changes."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+from peftbench.errors import ConfigError
+
+SUITE_FILE = "suite.json"
+STORE_FILE = "results.sqlite"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _diff(old, new, path: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new)):
+            out += _diff(old.get(key), new.get(key), f"{path}.{key}" if path else key)
+        return out
+    return [] if old == new else [f"{path}: {json.dumps(old)} -> {json.dumps(new)}"]
+
+
+def check_suite_dir(plan, out: Path) -> dict | None:
+    """The folder's ``suite.json`` (None when new); an error when it holds a different suite's results."""
+    suite_dir = out / plan.name
+    info_path = suite_dir / SUITE_FILE
+    advice = "choose another name with --suite NAME or another folder with --out DIR"
+    if not info_path.is_file():
+        if (suite_dir / STORE_FILE).exists():
+            raise ConfigError(f"{suite_dir} holds a results store but no {SUITE_FILE}: it was not written by this "
+                              f"suite; nothing was changed; {advice}")
+        return None
+    try:
+        info = json.loads(info_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{info_path} is not valid JSON ({exc}); refusing to write into {suite_dir}") from None
+    if info.get("hash") != plan.suite.hash():
+        changes = _diff(info.get("config", {}), plan.suite.identity())
+        shown = "; ".join(changes[:8]) + (f"; ... ({len(changes) - 8} more)" if len(changes) > 8 else "")
+        raise ConfigError(
+            f"{suite_dir} holds the results of a different suite (made by: {info.get('command', '?')}); "
+            f"this run differs in {shown or 'its configuration'}. Nothing was changed; {advice}"
+        )
+    return info
+
+
+def open_suite_dir(plan, command: str, out: Path) -> Path:
+    """``<out>/<suite>``, refusing one that holds a different suite's results (nothing is touched then)."""
+    suite_dir = out / plan.name
+    info_path = suite_dir / SUITE_FILE
+    info = check_suite_dir(plan, out)
+    if info is None:
+        info = {"suite": plan.name, "hash": plan.suite.hash(), "command": command, "created_at": _now(),
+                "config": plan.suite.identity(), "runs": []}
+    info.setdefault("runs", []).append({"command": command, "at": _now()})
+    suite_dir.mkdir(parents=True, exist_ok=True)
+    tmp = info_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    tmp.replace(info_path)
+    return suite_dir

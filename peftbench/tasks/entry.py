@@ -1,0 +1,28 @@
+"""How a suite names a task: a name plus, for ``file:``/``hub:`` tasks, its columns and kind."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class TaskEntry(BaseModel):
+    """A task; ``file:``/``hub:`` tasks name their columns (``text_columns: [text]``, ``label_column: label``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    text_columns: tuple[str, ...] | None = None
+    label_column: str | None = None
+    kind: Literal["classification", "generation"] | None = Field(None, description="file:/hub: tasks (default classification)")
+
+    @field_validator("text_columns", mode="before")
+    @classmethod
+    def _one_or_many(cls, value):
+        return [value] if isinstance(value, str) else value
+
+    def options(self) -> dict:
+        """The keyword options ``get_task`` takes for this entry."""
+        return {"text_columns": list(self.text_columns) if self.text_columns else None,
+                "label_column": self.label_column, "kind": self.kind}
