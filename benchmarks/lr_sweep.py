@@ -1,4 +1,4 @@
-"""Learning-rate sweep behind ``DEFAULT_LR`` (peftbench/config.py), selected on VALIDATION accuracy.
+"""Learning-rate sweep behind the methods' declared ``schedule_lr`` (plugins/), selected on VALIDATION accuracy.
 
 For each point of the grid below, every method runs once (seed 0) on the default setup
 (configs/default.yaml: MiniLM, movie_sentiment, 1% budget, 50 steps of 16) through
@@ -63,9 +63,8 @@ def main() -> int:
         if not store.is_file():
             continue
         with sqlite3.connect(store) as db:
-            for method, status, config, val, test in db.execute(
-                    "select method, status, config, val_metrics, metrics from trials"):
-                lr = json.loads(config).get("lr")
+            for method, status, lr, val, test in db.execute(
+                    "select method, status, lr, val_metrics, metrics from trials"):
                 acc = lambda text: (json.loads(text) or {}).get("accuracy") if text else None  # noqa: E731
                 results.setdefault(method, {})[lr] = (status, acc(val), acc(test))
     print("| method | " + " | ".join(f"lr {k + 1}" for k in range(points)) + " | chosen (best validation) |")
