@@ -21,10 +21,13 @@ from scipy import stats as sps
 import peftbench
 from peftbench import report
 from peftbench.contract import hookspecs
+from peftbench.contract.costs import Cost
 from peftbench.report import stats
 from peftbench.errors import ConfigError
 from peftbench.contract.registry import Registry
+from peftbench.results.records import CEILING, FLOOR, CurvePoint, TrialResult, TrialSpec
 from peftbench.results.store import Store
+from peftbench.tasks.entry import TaskEntry
 
 GOLDEN = Path(__file__).parent / "golden" / "report.md"
 BASE, HEAD = 22_713_216, 770
@@ -34,8 +37,9 @@ ENV = {"versions": {"peftbench": "0.1.0", "torch": "2.13.0", "transformers": "5.
 SUITE_JSON = {"suite": "fixture", "hash": "0123456789abcdef",
               "command": ["peftbench", "run", "--methods", "lora,houlsby,prefix,qlora,ptuning,prompt,full,head",
                           "--budget", "1%", "--budget", "3%", "--suite", "fixture"]}
+REFERENCE = {"full": CEILING, "head": FLOOR}  # the reference roles the baselines declare
 
-# method, budget, knob, knob value, knob step, trainable params, accuracies of seeds 0.. (None: not done)
+# method, budget, knob, knob value, knob step, trainable params, accuracies of seeds 0.. (str: not done)
 PLAN = [
     ("full", None, None, None, None, BASE, [0.861, 0.855, 0.867]),
     ("head", "n/a", None, None, None, 0, [0.701, 0.712, 0.695]),  # a baseline stored under another text
@@ -55,55 +59,69 @@ ERRORS = {
 }
 
 
-def fixture_rows():
-    """(trial, result-or-status) pairs of the fixture run, in a fixed order."""
+def make_spec(method, budget, knob, value, step, trainable, seed, **changes) -> TrialSpec:
+    """One planned trial of the fixture suite (``changes`` override fields)."""
+    fields = dict(
+        suite="fixture", task=TaskEntry(name="movie_sentiment"), backbone="minilm", method=method,
+        method_config={knob: value} if knob else {}, budget=budget, seed=seed, lr=1e-3,
+        primary_metric="accuracy", direction="max", knob=knob, knob_value=value, knob_step=step,
+        target_params=TARGET.get(budget), trainable_params=trainable, stored_params=trainable, head_params=HEAD,
+        base_params=BASE, reference=REFERENCE.get(method),
+    )
+    return TrialSpec(**{**fields, **changes})
+
+
+def make_result(method, seed, accuracy, **changes) -> TrialResult:
+    """What a finished fixture trial returned (``changes`` override fields)."""
+    fields = dict(
+        metrics={"accuracy": accuracy, "macro_f1": round(accuracy - 0.004, 4)},
+        val_metrics={"accuracy": round(accuracy + 0.01, 4)},
+        costs={"4-bit weights": Cost(value=10_500_000, unit="bytes")} if method == "qlora" else {},
+        step_time_s=0.2 + 0.01 * seed + (0.3 if method == "qlora" else 0.0),
+        peak_mem_bytes=400 * 2**20 + seed * 2**20, mem_kind="rss",
+        inference_overhead=1.0 if method in ("full", "head") else 1.05,
+        train_time_s=95.0 + seed, steps=300 if method != "lora" else 280 + 10 * seed,
+        curves=[CurvePoint(step=s, loss=round(0.7 - 0.1 * i - 0.01 * seed, 3),
+                           val_metric=round(accuracy - 0.05 + 0.02 * i, 3)) for i, s in enumerate((100, 200, 300))],
+        environment=ENV,
+    )
+    return TrialResult(**{**fields, **changes})
+
+
+def fixture_trials():
+    """(spec, result-or-status) pairs of the fixture run, in a fixed order."""
     out = []
     for method, budget, knob, value, step, trainable, outcomes in PLAN:
         for seed, outcome in enumerate(outcomes):
-            trial = {
-                "trial_id": f"{method}-{budget or 'none'}-{seed}", "suite": "fixture", "task": "movie_sentiment",
-                "backbone": "minilm", "method": method, "budget": budget, "seed": seed, "knob": knob,
-                "knob_value": value, "knob_step": step, "config": {"method": method, "lr": 1e-3, "seed": seed},
-                "config_hash": f"hash-{method}-{budget}-{seed}", "target_params": TARGET.get(budget),
-                "base_params": BASE, "trainable_params": trainable, "head_params": HEAD,
-                "achieved_pct": 100 * trainable / BASE, "primary_metric": "accuracy", "direction": "max",
-            }
+            spec = make_spec(method, budget, knob, value, step, trainable, seed)
             if isinstance(outcome, str):
-                out.append((trial, outcome))
+                out.append((spec, outcome))
                 continue
-            result = {
-                "metrics": {"accuracy": outcome, "macro_f1": round(outcome - 0.004, 4)},
-                "val_metrics": {"accuracy": round(outcome + 0.01, 4)},
-                "stored_params": trainable, "stored_bytes": 4 * trainable,
-                "quantized_bytes": 10_500_000 if method == "qlora" else None,
-                "step_time_s": 0.2 + 0.01 * seed + (0.3 if method == "qlora" else 0.0),
-                "peak_mem_bytes": 400 * 2**20 + seed * 2**20, "mem_kind": "rss",
-                "inference_overhead": 1.0 if method in ("full", "head") else 1.05,
-                "train_time_s": 95.0 + seed, "steps": 300 if method != "lora" else 280 + 10 * seed,
-                "curves": [{"step": s, "loss": round(0.7 - 0.1 * i - 0.01 * seed, 3),
-                            "val_metric": round(outcome - 0.05 + 0.02 * i, 3)} for i, s in enumerate((100, 200, 300))],
-                "environment": ENV, "artifacts": f"trials/{method}-{budget}-{seed}",
-            }
-            out.append((trial, result))
+            result = make_result(method, seed, outcome, stored_bytes=4 * trainable,
+                                 artifacts=f"trials/{method}-{budget}-{seed}")
+            out.append((spec, result))
     return out
+
+
+def write_trials(store: Store, trials) -> Store:
+    """Store (spec, outcome) pairs as a run would: started, then finished, failed or left running."""
+    for spec, outcome in trials:
+        if outcome == "unreachable":
+            store.unreachable(spec.model_copy(update={"reachable": False, "note": ERRORS["unreachable"]}))
+            continue
+        store.start(spec)
+        if isinstance(outcome, TrialResult):
+            store.finish(spec.trial_id, outcome)
+        elif outcome in ("failed", "diverged"):
+            store.fail(spec.trial_id, outcome, ERRORS[outcome])
+        # "running": left as a kill -9 would leave it
+    return store
 
 
 def build_store(suite_dir: Path) -> Store:
     suite_dir.mkdir(parents=True, exist_ok=True)
     (suite_dir / "suite.json").write_text(json.dumps(SUITE_JSON))
-    store = Store(suite_dir / "results.sqlite")
-    for trial, outcome in fixture_rows():
-        if outcome == "unreachable":
-            store.fail(trial["trial_id"], "unreachable", ERRORS["unreachable"],
-                       {k: v for k, v in trial.items() if k != "trial_id"})
-            continue
-        store.start(trial)
-        if isinstance(outcome, dict):
-            store.finish(trial["trial_id"], outcome)
-        elif outcome in ("failed", "diverged"):
-            store.fail(trial["trial_id"], outcome, ERRORS[outcome])
-        # "running": left as a kill -9 would leave it
-    return store
+    return write_trials(Store(suite_dir / "results.sqlite"), fixture_trials())
 
 
 class SectionPlugin:
@@ -113,7 +131,7 @@ class SectionPlugin:
 
     @peftbench.hookimpl
     def report_sections(self, suite, store):
-        n = sum(r["status"] == "done" for r in store.rows())
+        n = sum(r.status == "done" for r in store.records())
         return [f"## Extra from a plugin\n\nSuite {suite} has {n} finished trials.", ""]
 
 
@@ -287,13 +305,15 @@ def test_report_sections_hook_is_appended(fixture_run):
     assert text.index("## Extra from a plugin") > text.index("## Failed and unfinished trials")
     assert text.endswith("\n\n## Extra from a plugin\n\nSuite fixture has 22 finished trials.\n")
     assert text.count("## Extra from a plugin") == 1
-    assert report.plugin_sections(bare_registry(), "fixture", fixture_run[1]) == []
+    suite_dir, store, _ = fixture_run
+    assert report.plugin_sections(bare_registry(), report.build_context(suite_dir, store), store) == []
 
 
 def test_report_sections_through_get_registry(fixture_run):
     suite_dir, store, _ = fixture_run
     registry = peftbench.get_registry(extra=[SectionPlugin()])
-    assert "## Extra from a plugin" in "\n".join(report.plugin_sections(registry, "fixture", store))
+    sections = report.plugin_sections(registry, report.build_context(suite_dir, store), store)
+    assert "## Extra from a plugin" in "\n".join(s.markdown for s in sections)
 
 
 def test_a_failing_plugin_section_names_the_plugin(fixture_run):
@@ -306,7 +326,7 @@ def test_a_failing_plugin_section_names_the_plugin(fixture_run):
 
     suite_dir, store, _ = fixture_run
     with pytest.raises(peftbench.PluginError, match="broken_plugin.*report_sections.*oops"):
-        report.plugin_sections(bare_registry(Broken()), "fixture", store)
+        report.plugin_sections(bare_registry(Broken()), report.build_context(suite_dir, store), store)
 
 
 # -- the command ---------------------------------------------------------------------------

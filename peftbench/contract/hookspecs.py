@@ -43,5 +43,18 @@ def resolve_layout(config):
 
 
 @hookspec
-def report_sections(suite, store):
-    """Return markdown (a string, or a list of strings) to append to a suite's report."""
+def report_sections(context, suite, store):
+    """Return sections for a suite's report: markdown, a ``Section``, or a list of them.
+
+    ``context`` is the ``ReportContext`` the built-in sections read: ``suite``, ``info``
+    (``suite.json``), ``records`` (typed trial records), ``groups`` (per task, backbone and
+    budget, with summaries and ranks), ``fmt`` (the report's formatters: ``fmt.table``,
+    ``fmt.fmt_pct`` ...), ``stats``, ``colors`` and ``plot(name)`` (where to save a plot and
+    its link). ``suite`` is the suite's name and ``store`` its results store. Declare only
+    the arguments you use: ``report_sections(suite, store)`` keeps working.
+
+    Markdown goes at the end of the report. ``context.section(markdown, title=..., after=...)``
+    (or ``before=...``) places a section after (or before) a built-in one, named by its key:
+    ``setup``, ``results/<task>/<backbone>``, ``results/<task>/<backbone>/<budget or none>``,
+    ``pareto/<task>/<backbone>``, ``relative/<task>/<backbone>``, ``failures``, or by its title.
+    """

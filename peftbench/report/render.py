@@ -1,0 +1,74 @@
+"""``report.md`` and its plots, rendered from the results store alone.
+
+``peftbench report <suite>`` can run at any time (during a run, after a crash): every
+number comes from ``results.sqlite`` and ``suite.json``, nothing is recomputed from models.
+The output is deterministic for a given store (a golden test pins it).
+
+A report is sections over one context: the context is built once from the store, the
+built-in sections and the plugins' sections read it, and each section is placed where it
+asks to go.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from peftbench.errors import ConfigError
+from peftbench.report.context import ReportContext, Section, as_sections, place, render_sections
+from peftbench.report.groups import build_groups
+from peftbench.report.plots import colors
+from peftbench.report.plugins import place_plugin_sections
+from peftbench.report.sections import BUILTIN
+from peftbench.results.store import Store
+
+
+def read_suite_info(suite_dir: Path) -> dict:
+    """``suite.json`` (the command, the suite's hash ...), or {} when the run did not write one."""
+    path = suite_dir / "suite.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
+
+
+def build_context(suite_dir: str | Path, store: Store) -> ReportContext:
+    """Everything the sections read, from the store and ``suite.json``, computed once."""
+    suite_dir = Path(suite_dir)
+    records = store.records()
+    return ReportContext(
+        suite=suite_dir.name, info=read_suite_info(suite_dir), records=records, groups=build_groups(records),
+        suite_dir=suite_dir, colors=colors(sorted({r.spec.method for r in records})),  # one colour per method
+    )
+
+
+def report_sections(context: ReportContext, store: Store, registry) -> list[Section]:
+    """The built-in sections in order, then each plugin's sections where they ask to go."""
+    sections: list[Section] = []
+    for _, produce in BUILTIN:
+        for section in as_sections(produce(context)):
+            place(sections, section)
+    place_plugin_sections(sections, registry, context, store)
+    return sections
+
+
+def render(suite_dir: str | Path, store: Store, registry) -> str:
+    """The markdown of the report; writes the plots under ``suite_dir / 'plots'``.
+
+    ``registry`` holds the plugins whose ``report_sections`` hooks add sections.
+    """
+    context = build_context(suite_dir, store)
+    return render_sections(report_sections(context, store, registry))
+
+
+def write_report(suite_dir: str | Path, store: Store, registry) -> Path:
+    """Render ``<suite_dir>/report.md`` (and ``plots/*.png``) from the store; returns its path."""
+    suite_dir = Path(suite_dir)
+    text = render(suite_dir, store, registry)
+    path = suite_dir / "report.md"
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)  # readers never see half a report
+    return path

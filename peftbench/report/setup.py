@@ -1,0 +1,132 @@
+"""The report's Setup section: what ran, how the budget is defined, how the statistics work.
+
+A reader should be able to judge every number below it from this section alone: the exact
+command, the tasks with their primary metric and direction, the backbones with their size
+(the budget's denominator), the methods, budgets and seeds, the statistical procedure, how
+many trials ended how, and the software and hardware they ran on.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from collections import Counter
+
+import peftbench.report.stats as stats
+from peftbench.report.context import ReportContext, Section
+from peftbench.report.format import NOT_SOLVED, OFF_BUDGET
+from peftbench.report.groups import budget_order
+from peftbench.results.records import TrialRecord
+
+BUDGET_DEFINITION = (
+    "a method's trainable parameters during training divided by the backbone's parameters "
+    "without the task head. The task head is trained by every method and is shown in its own "
+    "column (Head), never counted in the budget."
+)
+SOLVING = (
+    "Each budgeted method's size knob is solved so that its trainable parameters come as close to the target as "
+    "the knob allows. In the tables, Achieved = trainable / backbone parameters, Δ target = (trainable − target) / "
+    f"target; {OFF_BUDGET} marks a method more than one knob step away from the target, {NOT_SOLVED} a baseline the "
+    "budget does not apply to."
+)
+STATISTICS = (
+    "mean ± sample standard deviation over seeds; 95% CI = mean ± t(0.975, n−1)·s/√n (Student's t). Significance: "
+    "two-sided Welch's t-test (unequal variances) of each method's seeds against the best budget-matched method's "
+    "seeds in the same table (baselines outside the budget, marked `ref` in the Rank column, are compared with it "
+    f"but not ranked), level α = {stats.ALPHA}, no correction for multiple comparisons. `*` = differs from the best, "
+    "`n.s.` = not significant, `—` = fewer than 2 seeds on a side."
+)
+CONFIG_COLUMNS = "Per-trial resolved configurations are in `results.sqlite` (columns `method_config`, `lr`, `training`)."
+
+
+def setup_section(ctx: ReportContext) -> Section:
+    finals = ctx.finals
+    lines = ["Command that produced these results:", "", "```sh",
+             command_text(ctx.info) or "(not recorded: suite.json missing)", "```", ""]
+    lines += [
+        f"- **Tasks:** {_tasks(ctx) or '—'}",
+        f"- **Backbones:** {_backbones(finals) or '—'}",
+        f"- **Methods:** {', '.join(sorted({r.spec.method for r in finals})) or '—'}",
+        f"- **Budgets:** {_budgets(ctx) or '—'}",
+        f"- **Budget definition:** {BUDGET_DEFINITION} {SOLVING}",
+        f"- **Seeds:** {_seeds(finals)}",
+        f"- **Statistics:** {STATISTICS}",
+        f"- **Trials:** {_trials(finals)}",
+    ]
+    if ctx.searches:
+        lines.append(f"- **Search trials:** {_trials(ctx.searches)}; selected on validation, not in the tables")
+    if ctx.info.get("hash"):
+        lines.append(f"- **Suite hash:** `{ctx.info['hash']}`")
+    lines += _environments(finals)
+    lines += ["", CONFIG_COLUMNS]
+    return Section("\n".join(lines), title="Setup", key="setup")
+
+
+def command_text(info: dict) -> str | None:
+    """The command recorded in ``suite.json``, shell-quoted when it was stored as a list."""
+    cmd = info.get("command")
+    if isinstance(cmd, list):
+        return shlex.join(str(c) for c in cmd)
+    return cmd
+
+
+def _tasks(ctx: ReportContext) -> str:
+    tasks = sorted({(g.task, g.primary, g.direction) for g in ctx.groups})
+    return "; ".join(f"{t} (primary metric {p}, {'higher' if d == 'max' else 'lower'} is better)" for t, p, d in tasks)
+
+
+def _backbones(records: list[TrialRecord]) -> str:
+    """Each backbone with its size without the task head (the budget's denominator)."""
+    sizes: dict[str, int] = {}
+    for r in records:
+        if r.spec.base_params:
+            sizes.setdefault(r.spec.backbone, r.spec.base_params)
+    return "; ".join(f"{b} ({sizes[b]:,} parameters without the task head)" if b in sizes else b
+                     for b in sorted({r.spec.backbone for r in records}))
+
+
+def _budgets(ctx: ReportContext) -> str:
+    specs = [r.spec for r in ctx.finals]
+    return ", ".join(sorted({g.budget for g in ctx.groups if g.budget}, key=lambda b: budget_order(specs, b)))
+
+
+def _seeds(records: list[TrialRecord]) -> str:
+    seeds = sorted({r.spec.seed for r in records})
+    if not seeds:
+        return "none recorded"
+    return (f"{len(seeds)} ({', '.join(map(str, seeds))}) per method and budget; the Seeds column "
+            "counts those that finished")
+
+
+def _trials(records: list[TrialRecord]) -> str:
+    """'33 (24 done, 9 unreachable)': how many trials, by status."""
+    statuses = Counter(r.status for r in records)
+    return f"{len(records)}" + (f" ({', '.join(f'{n} {s}' for s, n in sorted(statuses.items()))})" if records else "")
+
+
+def _environments(records: list[TrialRecord]) -> list[str]:
+    """The finished trials' environment: one line, or one line per distinct environment."""
+    envs = Counter(json.dumps(r.result.environment, sort_keys=True) for r in records
+                   if r.status == "done" and r.result is not None and r.result.environment)
+    if len(envs) == 1:
+        return [f"- **Environment:** {_env_text(json.loads(next(iter(envs))))}"]
+    if not envs:
+        return []
+    lines = [f"- **Environments:** the finished trials ran in {len(envs)} different environments:"]
+    for text, n in sorted(envs.items(), key=lambda x: (-x[1], x[0])):
+        lines.append(f"  - {n} trial(s): {_env_text(json.loads(text))}")
+    return lines
+
+
+def _env_text(env: dict) -> str:
+    """'torch 2.13.0, transformers 5.24.0; device: cpu; threads: 2': versions first, then the rest by key."""
+    parts = []
+    versions = env.get("versions")
+    if isinstance(versions, dict):
+        parts.append(", ".join(f"{k} {v}" for k, v in sorted(versions.items())))
+    for key in sorted(k for k in env if k != "versions"):
+        value = env[key]
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}: {v}" for k, v in sorted(value.items()))
+        parts.append(f"{key}: {value}")
+    return "; ".join(parts)

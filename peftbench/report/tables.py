@@ -1,0 +1,176 @@
+"""The two tables of each (task, backbone, budget) group: quality with its notes, and costs.
+
+Quality: each method's size against the budget (Achieved = trainable / backbone parameters,
+Δ target = (trainable − target) / target), then its primary metric over seeds as
+mean ± sample standard deviation with the 95% t-interval, the other metrics, its rank and
+Welch's test against the best budget-matched method (see ``stats``).
+
+Costs: what a method costs to keep and to run, as means over finished seeds (peak memory is
+the maximum), plus one column per cost figure methods declare themselves (``TrialResult.costs``,
+e.g. the 4-bit weights of QLoRA), formatted by its unit.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import peftbench.report.format as fmt
+import peftbench.report.stats as stats
+from peftbench.report.groups import Group, MethodResult, is_reference, off_budget
+
+
+# -- quality ---------------------------------------------------------------------------------
+def results_table(g: Group) -> tuple[list[str], list[str]]:
+    """The quality table of one group and its notes (off-budget methods, baselines, unfinished seeds)."""
+    order = g.finished
+    metric_names = _other_metrics(g)
+    decimals = {name: fmt.decimals_for([v for m in order for v in m.values(name)])
+                for name in [g.primary, *metric_names]}
+    headers = ["Method", "Knob", "Trainable", "Achieved", "Δ target", "Head", "Seeds",
+               f"{g.primary} (mean ± std)", "95% CI", *metric_names, "Rank", "vs best (Welch)"]
+    rows = [[m.label, _knob(m), fmt.fmt_params(m.spec.trainable_params), *_size_cells(m),
+             fmt.fmt_params(m.spec.head_params), _seeds(m), *_primary_cells(m, decimals[g.primary]),
+             *(_mean_std(m.values(name), decimals[name]) for name in metric_names), *_rank_cells(m)]
+            for m in order]
+    right = set(range(2, len(headers))) - {len(headers) - 1}  # numbers right, the last (text) column left
+    notes = [*_off_budget_notes(order), *_reference_notes(order), *_unfinished_notes(g)]
+    return fmt.table(headers, rows, right), notes
+
+
+def _other_metrics(g: Group) -> list[str]:
+    """Test metrics besides the primary one that some finished seed recorded as a number."""
+    names = sorted({k for m in g.finished for result in m.results for k in result.metrics} - {g.primary})
+    return [k for k in names if any(m.values(k) for m in g.finished)]
+
+
+def _knob(m: MethodResult) -> str:
+    return f"{m.knob}={m.knob_value}" if m.knob else fmt.NONE
+
+
+def _seeds(m: MethodResult) -> str:
+    """Finished seeds, and of how many when some did not finish: '2 of 3'."""
+    return str(len(m.done)) + (f" of {len(m.done) + len(m.other)}" if m.other else "")
+
+
+def _size_cells(m: MethodResult) -> tuple[str, str]:
+    """(Achieved, Δ target); a baseline is marked not budget-solved, a miss over one knob step flagged."""
+    spec = m.spec
+    achieved = fmt.fmt_pct(spec.achieved_pct if spec.base_params else None)
+    if is_reference(spec):
+        achieved, delta = f"{achieved} {fmt.NOT_SOLVED}", fmt.NONE
+    else:
+        delta = fmt.fmt_signed_pct(100 * (spec.trainable_params - spec.target_params) / spec.target_params)
+    if off_budget(m)[0]:
+        achieved += f" {fmt.OFF_BUDGET}"
+    return achieved, delta
+
+
+def _mean_std(values: list[float], decimals: int) -> str:
+    """'mean ± std' over seeds ('mean' alone for one seed, '—' for none)."""
+    return _plus_minus(stats.mean(values), stats.std(values), decimals) if values else fmt.NONE
+
+
+def _plus_minus(mean: float, sd: float | None, decimals: int) -> str:
+    return fmt.fmt_num(mean, decimals) + (f" ± {fmt.fmt_num(sd, decimals)}" if sd is not None else "")
+
+
+def _primary_cells(m: MethodResult, decimals: int) -> tuple[str, str]:
+    """(mean ± std, 95% CI) of the primary metric."""
+    s = m.summary
+    if s is None:
+        return fmt.NONE, fmt.NONE
+    interval = f"[{fmt.fmt_num(s.ci[0], decimals)}, {fmt.fmt_num(s.ci[1], decimals)}]" if s.ci else fmt.NONE
+    return _plus_minus(s.mean, s.std, decimals), interval
+
+
+def _rank_cells(m: MethodResult) -> tuple[str, str]:
+    """(Rank, vs best): 'ref' for an unranked baseline; the test's mark and p-value."""
+    s = m.summary
+    if s is None:
+        return fmt.NONE, fmt.NONE
+    rank = str(s.rank) if s.rank is not None else "ref"
+    return rank, (stats.mark(s) + " " + fmt.fmt_p(s.p_vs_best)).strip()
+
+
+def _off_budget_notes(order: list[MethodResult]) -> list[str]:
+    notes = []
+    for m in order:
+        flagged, step, estimated = off_budget(m)
+        if not flagged:
+            continue
+        spec = m.spec
+        how = ("estimated as trainable parameters / knob value: the run recorded no step" if estimated
+               else f"per step of {m.knob}")
+        notes.append(
+            f"{fmt.OFF_BUDGET} **{m.label}** misses the budget: {spec.trainable_params:,} trainable parameters vs "
+            f"the target {spec.target_params:,} (difference {spec.trainable_params - spec.target_params:+,}), more "
+            f"than one knob step ({fmt.fmt_params(round(step))} parameters, {how}). Compare it with care."
+        )
+    return notes
+
+
+def _reference_notes(order: list[MethodResult]) -> list[str]:
+    references = sorted({m.method for m in order if is_reference(m.spec)})
+    if not references:
+        return []
+    return [f"{fmt.NOT_SOLVED} {', '.join(references)}: reference baseline(s), not budget-solved (the budget "
+            "does not apply); Achieved shows what they train."]
+
+
+def _unfinished_notes(g: Group) -> list[str]:
+    notes = []
+    for m in g.methods:
+        if m.other:
+            counts = Counter(r.status for r in m.other)
+            what = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+            where = "not in this table" if not m.done else f"{len(m.done)} seed(s) finished"
+            notes.append(f"**{m.label}**: {what} ({where}; reasons under *Failed and unfinished trials*).")
+    return notes
+
+
+# -- costs -----------------------------------------------------------------------------------
+def costs_table(g: Group) -> list[str]:
+    """Stored size, the methods' own cost figures, step time, memory, inference, training, LR."""
+    order = g.finished
+    labels = cost_labels(order)
+    headers = ["Method", "Stored params", "Stored size", *labels, "Step time", "Peak memory", "Inference ×",
+               "Train time", "Steps", "LR"]
+    rows = [[m.label, fmt.fmt_params(m.spec.stored_params), fmt.fmt_bytes(m.mean_of(lambda r: r.stored_bytes)),
+             *(_cost_cell(m, label, unit) for label, unit in labels.items()),
+             fmt.fmt_seconds(m.mean_of(lambda r: r.step_time_s)), _peak_memory(m),
+             fmt.fmt_ratio(m.mean_of(lambda r: r.inference_overhead)),
+             fmt.fmt_seconds(m.mean_of(lambda r: r.train_time_s)), _steps(m), f"{m.spec.lr:g}"]
+            for m in order]
+    return fmt.table(headers, rows, set(range(1, len(headers))))
+
+
+def cost_labels(methods: list[MethodResult]) -> dict[str, str]:
+    """label -> unit of every cost figure some finished seed recorded, labels sorted."""
+    units: dict[str, str] = {}
+    for m in methods:
+        for result in m.results:
+            for label, cost in result.costs.items():
+                units.setdefault(label, cost.unit)
+    return dict(sorted(units.items()))
+
+
+def _cost_cell(m: MethodResult, label: str, unit: str) -> str:
+    """The mean of one cost figure over the seeds that recorded it, in its unit's format."""
+    return fmt.fmt_cost(m.mean_of(lambda r: r.costs[label].value if label in r.costs else None), unit)
+
+
+def _peak_memory(m: MethodResult) -> str:
+    """The largest peak over seeds (a peak's mean would hide the worst run), with its kind (RSS, CUDA)."""
+    peaks = [r.peak_mem_bytes for r in m.results if r.peak_mem_bytes is not None]
+    if not peaks:
+        return fmt.NONE
+    kinds = sorted({r.mem_kind for r in m.results if r.mem_kind})
+    return fmt.fmt_bytes(max(peaks)) + (f" ({'/'.join(k.upper() for k in kinds)})" if kinds else "")
+
+
+def _steps(m: MethodResult) -> str:
+    """Optimizer steps: one number, or the range over seeds when early stopping varied it."""
+    steps = sorted({r.steps for r in m.results if r.steps is not None})
+    if not steps:
+        return fmt.NONE
+    return f"{steps[0]:,}" if len(steps) == 1 else f"{steps[0]:,}–{steps[-1]:,}"
