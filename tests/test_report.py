@@ -155,8 +155,8 @@ def fixture_run(tmp_path_factory):
 
 
 def table_rows(markdown: str, heading: str) -> dict[str, dict[str, str]]:
-    """The first table after ``heading``: first cell -> {header: cell}."""
-    lines = markdown.split(heading, 1)[1].splitlines()
+    """The first table after ``heading`` (empty: the first table): first cell -> {header: cell}."""
+    lines = (markdown.split(heading, 1)[1] if heading else markdown).splitlines()
     start = next(i for i, ln in enumerate(lines) if ln.startswith("|"))
     block = []
     for ln in lines[start:]:
@@ -329,6 +329,170 @@ def test_a_failing_plugin_section_names_the_plugin(fixture_run):
         report.plugin_sections(bare_registry(Broken()), report.build_context(suite_dir, store), store)
 
 
+class PlacedPlugin:
+    """A plugin written against the context: sections placed after, before and at the end."""
+
+    __name__ = "placed_plugin"
+
+    @peftbench.hookimpl
+    def report_sections(self, context):
+        budget_1 = report.section_key("results", "movie_sentiment", "minilm", "1%")
+        return [
+            context.section("Read the setup first.", title="Plugin after setup", after="setup"),
+            report.Section("#### Plugin note on 1%\n\nInside the 1% budget.", after=budget_1),
+            context.section("Just before the failures.", title="Plugin before failures", before="failures"),
+            context.section("Second after setup.", title="Plugin after setup, second", after="Setup"),  # a title
+            "## Plugin at the end\n\nPlain markdown goes last.",
+        ]
+
+
+def test_plugin_sections_go_where_they_ask(fixture_run, tmp_path):
+    suite_dir, store, _ = fixture_run
+    text = report.render(tmp_path / "fixture", store, bare_registry(SectionPlugin(), PlacedPlugin()))
+    heads = [line for line in text.splitlines() if line.startswith("#")]
+    assert heads.index("## Plugin after setup") == heads.index("## Setup") + 1  # right after the named section
+    assert heads.index("## Plugin after setup, second") == heads.index("## Plugin after setup") + 1  # in order
+    assert heads.index("## movie_sentiment on minilm") == heads.index("## Plugin after setup, second") + 1
+    # after a budget: after its table, notes and costs, before the next budget's heading
+    budget_1 = next(i for i, h in enumerate(heads) if h.startswith("### Budget 1%"))
+    assert heads[budget_1 + 1] == "#### Plugin note on 1%" and heads[budget_1 + 2].startswith("### Budget 3%")
+    assert text.index("Inside the 1% budget.") > text.index("![Learning curves, movie_sentiment, minilm, budget 1%]")
+    assert heads.index("## Failed and unfinished trials") == heads.index("## Plugin before failures") + 1
+    # without a place: at the end, in pluggy's call order (the last registered plugin first)
+    assert heads[-2:] == ["## Plugin at the end", "## Extra from a plugin"]
+    # the built-in sections are unchanged around them
+    golden = GOLDEN.read_text(encoding="utf-8")
+    for part in ("### Budget 1%", "### Budget 3%", "### Parameters vs accuracy", "## Failed and unfinished trials"):
+        block = golden.split(part, 1)[1].split("\n#", 1)[0]
+        assert part + block in text
+
+
+def test_a_misplaced_plugin_section_names_the_plugin_and_the_keys(fixture_run, tmp_path):
+    class Lost:
+        __name__ = "lost_plugin"
+
+        @peftbench.hookimpl
+        def report_sections(self, context):
+            return context.section("nowhere", title="Lost", after="results/movie_sentiment/minilm/2%")
+
+    with pytest.raises(peftbench.PluginError, match=r"lost_plugin.*'results/movie_sentiment/minilm/2%' names no "
+                                                    r"section; known: .*results/movie_sentiment/minilm/1%.*setup"):
+        report.render(tmp_path / "fixture", fixture_run[1], bare_registry(Lost()))
+    with pytest.raises(ValueError, match="not both"):
+        report.Section("x", after="setup", before="failures")
+
+
+def test_plugin_sections_get_the_context_of_the_built_in_sections(fixture_run, tmp_path, monkeypatch):
+    """A plugin reads the same groups, records and formatters as the built-in sections, and can place by group."""
+    from peftbench.report import sections as builtin
+
+    seen = {}
+    budget_section = builtin.budget_section
+
+    def spy(ctx, g):
+        seen.setdefault("builtin", ctx)
+        return budget_section(ctx, g)
+
+    class RankPlugin:
+        __name__ = "rank_plugin"
+
+        @peftbench.hookimpl
+        def report_sections(self, context, suite, store):
+            seen["plugin"], seen["suite"], seen["store"] = context, suite, store
+            out = []
+            for g in context.groups:
+                decimals = context.fmt.decimals_for([v for m in g.finished for v in m.values(g.primary)])
+                rows = [[m.label, str(m.summary.rank or "ref"), str(len(m.done)),
+                         context.fmt.fmt_num(m.summary.mean, decimals)] for m in g.finished]
+                table = context.fmt.table(["Method", "Rank", "Seeds", "Mean"], rows, {1, 2, 3})
+                out.append(context.section("\n".join(table), title=f"Plugin ranks {g.budget}", level=4,
+                                           after=report.section_key("results", g.task, g.backbone, g.budget)))
+            return out
+
+    monkeypatch.setattr(builtin, "budget_section", spy)
+    store = fixture_run[1]
+    text = report.render(tmp_path / "fixture", store, bare_registry(RankPlugin()))
+    assert seen["plugin"] is seen["builtin"] and seen["suite"] == "fixture" and seen["store"] is store
+    assert seen["plugin"].records == store.records() and len(seen["plugin"].groups) == 2
+    for budget in ("1%", "3%"):
+        ours, theirs = results_of(text, budget), table_rows(text, f"#### Plugin ranks {budget}")
+        assert list(theirs) == list(ours)  # same methods, same order
+        for method, row in theirs.items():
+            assert row["Rank"] == ours[method]["Rank"]
+            assert ours[method]["Seeds"].split(" of ")[0] == row["Seeds"]
+            assert ours[method]["accuracy (mean ± std)"].split(" ± ")[0] == row["Mean"]
+
+
+# -- columns read from the records ---------------------------------------------------------
+def small_context(tmp_path, trials):
+    """The report context of a few stored trials (no plots drawn)."""
+    store = write_trials(Store(tmp_path / "small" / "results.sqlite"), trials)
+    return report.build_context(tmp_path / "small", store), store
+
+
+def test_the_lr_column_is_the_specs_learning_rate(tmp_path):
+    from peftbench.report.tables import costs_table
+
+    trials = [
+        # the spec's lr is the trial's learning rate; an 'lr' inside a method's config is not read
+        (make_spec("lora", "1%", "r", 25, 9_216, 230_400, 0, lr=5e-3, method_config={"r": 25, "lr": 0.5}),
+         make_result("lora", 0, 0.85)),
+        (make_spec("houlsby", "1%", "m", 12, 18_456, 231_744, 0, lr=3e-4), make_result("houlsby", 0, 0.84)),
+        (make_spec("full", None, None, None, None, BASE, 0, lr=2e-5), make_result("full", 0, 0.86)),
+    ]
+    context, store = small_context(tmp_path, trials)
+    with store:
+        rows = table_rows("\n".join(costs_table(context.groups[0])), "")
+    assert {m: r["LR"] for m, r in rows.items()} == {"lora": "0.005", "houlsby": "0.0003", "full": "2e-05"}
+
+
+def test_cost_columns_come_from_the_results_costs(tmp_path):
+    from peftbench.report.tables import costs_table
+
+    def costs(seed):
+        return {"4-bit weights": Cost(value=10_500_000 + seed * 2**20, unit="bytes"),
+                "merge": Cost(value=0.25 * (seed + 1), unit="seconds"), "shards": Cost(value=3, unit="count"),
+                "frozen": Cost(value=1_000_000 + seed, unit="params"), "speed-up": Cost(value=1.5, unit="ratio")}
+
+    trials = [(make_spec("qlora", "1%", "r", 25, 9_216, 230_400, seed), make_result("qlora", seed, 0.84 + seed / 100,
+                                                                                    costs=costs(seed)))
+              for seed in (0, 1)]
+    trials.append((make_spec("lora", "1%", "r", 25, 9_216, 230_400, 0), make_result("lora", 0, 0.85)))
+    context, store = small_context(tmp_path, trials)
+    with store:
+        lines = costs_table(context.groups[0])
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    # one column per label (sorted), between the stored size and the step time
+    assert header[:8] == ["Method", "Stored params", "Stored size", "4-bit weights", "frozen", "merge", "shards",
+                          "speed-up"] and header[8] == "Step time"
+    rows = table_rows("\n".join(lines), "")
+    # means over seeds, each in its unit's format; a method without the figure shows a dash
+    assert [rows["qlora"][k] for k in header[3:8]] == ["10.5 MiB", "1,000,000", "375 ms", "3", "1.50×"]
+    assert [rows["lora"][k] for k in header[3:8]] == ["—"] * 5
+    # no figure anywhere: no such column
+    plain = [(make_spec("lora", "1%", "r", 25, 9_216, 230_400, 0), make_result("lora", 0, 0.85))]
+    context, store = small_context(tmp_path / "plain", plain)
+    with store:
+        assert costs_table(context.groups[0])[0].split("|")[4].strip() == "Step time"
+
+
+def test_search_trials_stay_out_of_the_tables(tmp_path):
+    from peftbench.report.setup import setup_section
+
+    final = make_spec("lora", "1%", "r", 25, 9_216, 230_400, 0)
+    search = make_spec("lora", "1%", "r", 25, 9_216, 230_400, 0, role="search", lr=1e-2)
+    trials = [(final, make_result("lora", 0, 0.85)),
+              (search, make_result("lora", 0, 0.80, metrics={}))]  # validation only
+    context, store = small_context(tmp_path, trials)
+    with store:
+        assert len(context.records) == 2 and context.finals == [store.get(final.trial_id)]
+        [group] = context.groups
+        assert [len(m.done) for m in group.methods] == [1] and group.methods[0].spec.lr == final.lr
+        setup = setup_section(context).markdown
+    assert "- **Trials:** 1 (1 done)" in setup
+    assert "- **Search trials:** 1 (1 done); selected on validation, not in the tables" in setup
+
+
 # -- the command ---------------------------------------------------------------------------
 def _args(argv):
     parser = argparse.ArgumentParser()
@@ -346,6 +510,10 @@ def test_cli_report_writes_and_lists_suites(fixture_run, tmp_path, monkeypatch, 
     assert report.main_report(_args(["fixture", "--out", str(out)])) == 0
     assert (out / "fixture" / "report.md").read_text(encoding="utf-8") == fixture_run[2]
     assert "wrote" in capsys.readouterr().out
+    # a caller's registry is used as given (here without the plugin: no plugin section)
+    assert report.main_report(_args(["fixture", "--out", str(out)]), registry=bare_registry()) == 0
+    without = fixture_run[2].split("\n\n## Extra from a plugin")[0] + "\n"
+    assert (out / "fixture" / "report.md").read_text(encoding="utf-8") == without
     with pytest.raises(ConfigError, match=r"no suite 'fixtur'.*did you mean 'fixture'.*suites there: fixture$"):
         report.main_report(_args(["fixtur", "--out", str(out)]))
     with pytest.raises(ConfigError, match=r"no suite 'other'.*suites there: fixture$"):
