@@ -1,4 +1,10 @@
-"""4-bit NF4 support shared by 4-bit methods, and logical parameter counts.
+"""Public API for 4-bit methods (``peftbench.quant``): NF4 layers and logical parameter counts.
+
+A plugin that stores frozen weights in 4 bits builds on these helpers (QLoRA does): quantise
+a linear layer with bitsandbytes (``quantize_linear``), decode it (``dequantize_weight``),
+re-quantise a merged weight (``requantize``), tell a 4-bit layer (``is_4bit``) and measure
+what it stores (``quantized_bytes``, ``quantized_params``). Functions that can fail for want
+of bitsandbytes take the caller's method name, so the error names the method.
 
 A packed 4-bit tensor's ``numel()`` is half its logical parameter count; every count in
 peftbench goes through ``logical_numel`` so 4-bit weights are counted from their shapes.
@@ -6,13 +12,17 @@ peftbench goes through ``logical_numel`` so 4-bit weights are counted from their
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-from peftbench.errors import ConfigError
 from peftbench.backbones.layout import is_conv1d, linear_shape
+from peftbench.backbones.quant_decode import QUANT_INSTALL, reference_dequantize, require_bitsandbytes
+
+__all__ = [
+    "QUANT_INSTALL", "check_dequantization", "dequantize_weight", "is_4bit", "keep_one_format", "logical_numel",
+    "quantize_linear", "quantized_bytes", "quantized_params", "reference_dequantize", "require_bitsandbytes",
+    "requantize",
+]
 
 
 def logical_numel(param: torch.Tensor) -> int:
@@ -27,31 +37,18 @@ def logical_numel(param: torch.Tensor) -> int:
 
 
 # -- 4-bit NF4 layers (bitsandbytes) ---------------------------------------------------------
-QUANT_INSTALL = "pip install bitsandbytes"
-
-
-def require_bitsandbytes(method: str):
-    """The ``bitsandbytes`` module, or a ConfigError naming the method and the install."""
-    try:
-        import bitsandbytes
-    except Exception as exc:  # missing (ImportError) or broken install
-        raise ConfigError(
-            f"method {method!r} needs bitsandbytes: {QUANT_INSTALL} ({type(exc).__name__}: {exc})"
-        ) from None
-    return bitsandbytes
-
-
 def is_4bit(module: nn.Module) -> bool:
     """True for a layer whose weight is a quantised bitsandbytes 4-bit tensor."""
     return getattr(getattr(module, "weight", None), "quant_state", None) is not None
 
 
 def quantize_linear(linear: nn.Module, compute_dtype: torch.dtype = torch.float32, double_quant: bool = True,
-                    quant_type: str = "nf4", method: str = "qlora") -> nn.Module:
+                    quant_type: str = "nf4", method: str | None = None) -> nn.Module:
     """A frozen ``bitsandbytes.nn.Linear4bit`` holding ``linear``'s weight (Linear or Conv1D).
 
     The new layer is built on ``linear``'s device; ``linear`` itself is left untouched.
     ``double_quant`` also quantises the per-block absmax statistics (QLoRA's double quantisation).
+    ``method`` (the caller's method name) is named if bitsandbytes is missing.
     """
     bnb = require_bitsandbytes(method)
     d_in, d_out = linear_shape(linear)
@@ -89,22 +86,7 @@ def keep_one_format(layer: nn.Module) -> nn.Module:
     return layer
 
 
-def reference_dequantize(weight: torch.Tensor) -> torch.Tensor:
-    """A bitsandbytes 4-bit weight decoded in plain torch: codebook value × its block's absmax."""
-    bnb = require_bitsandbytes("4-bit")
-    state = weight.quant_state
-    packed = weight.data.reshape(-1).view(torch.uint8)
-    codes = torch.stack(((packed >> 4) & 15, packed & 15), dim=1).reshape(-1).long()  # high nibble first
-    n = math.prod(state.shape)
-    absmax = state.absmax
-    if state.nested:
-        absmax = bnb.functional.dequantize_blockwise(absmax, state.state2) + state.offset
-    scale = absmax.float().repeat_interleave(state.blocksize)[:n]
-    values = state.code.to(packed.device).float()[codes[:n]]
-    return (values * scale).reshape(tuple(state.shape)).to(state.dtype)
-
-
-def check_dequantization(layer: nn.Module, method: str = "qlora") -> bool:
+def check_dequantization(layer: nn.Module, method: str | None = None) -> bool:
     """True when bitsandbytes decodes ``layer``'s 4-bit weight like ``reference_dequantize``.
 
     bitsandbytes' native CPU kernel (seen in 0.50.2 on AVX512 CPUs) miscomputes weights whose
@@ -118,7 +100,7 @@ def check_dequantization(layer: nn.Module, method: str = "qlora") -> bool:
 
 def dequantize_weight(layer: nn.Module) -> torch.Tensor:
     """The (d_out, d_in) floating-point weight a 4-bit layer stands for (a new tensor)."""
-    bnb = require_bitsandbytes("4-bit")
+    bnb = require_bitsandbytes()
     if getattr(layer.weight.quant_state, "packing_format_for_cpu", False):
         layer.state_dict()  # bitsandbytes undoes its CPU inference packing while saving
     if getattr(layer, "decodes_in_torch", False):
@@ -128,7 +110,7 @@ def dequantize_weight(layer: nn.Module) -> torch.Tensor:
 
 def requantize(layer: nn.Module, weight: torch.Tensor) -> nn.Parameter:
     """A new 4-bit weight for ``layer`` from the dense (d_out, d_in) ``weight``, quantised as before."""
-    bnb = require_bitsandbytes("4-bit")
+    bnb = require_bitsandbytes()
     old = layer.weight
     return bnb.nn.Params4bit(weight.contiguous(), requires_grad=False, blocksize=old.blocksize,
                              compress_statistics=old.compress_statistics, quant_type=old.quant_type,

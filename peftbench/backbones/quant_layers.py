@@ -4,7 +4,7 @@ bitsandbytes' native CPU kernel (seen in 0.50.2 on AVX512 CPUs) decodes a 4-bit 
 wrongly when its rows are not a whole number of quantisation blocks. Such a layer keeps
 bitsandbytes' storage (the same packed codes and block statistics, saved the same way) and
 computes like ``Linear4bit`` on CPU (decode, then a dense product), with the decode done by
-``peftbench.backbones.quant.reference_dequantize``.
+``peftbench.backbones.quant_decode.reference_dequantize``.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import bitsandbytes as bnb
 import torch
 from torch.nn import functional as F
 
+from peftbench.backbones.quant_decode import reference_dequantize
+
 
 class PlainDecodeLinear4bit(bnb.nn.Linear4bit):
     """``Linear4bit`` whose forward decodes the 4-bit weight with ``reference_dequantize``."""
@@ -20,8 +22,6 @@ class PlainDecodeLinear4bit(bnb.nn.Linear4bit):
     decodes_in_torch = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from peftbench.backbones.quant import reference_dequantize
-
         dtype = self.compute_dtype or x.dtype
         weight = reference_dequantize(self.weight).to(dtype)
         bias = None if self.bias is None else self.bias.to(dtype)
