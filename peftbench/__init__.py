@@ -19,19 +19,30 @@ from peftbench.errors import (
     VerificationError,
 )
 from peftbench.contract.hookspecs import hookimpl, hookspec
+from peftbench.contract.costs import Cost
 from peftbench.contract.injection import Injection, load_injection
 from peftbench.backbones.layout import LINEAR_SITES, SITE_NAMES, ArchLayout, Site, is_conv1d, linear_shape
 from peftbench.contract.method import Method, MethodConfig
 from peftbench.contract.registry import get_registry
 from peftbench.backbones import quant
 from peftbench.backbones.quant import logical_numel
-from peftbench.tasks.task import Task, get_task, packaged_data
+from peftbench.tasks.resolve import packaged_data
+from peftbench.tasks.task import Task
+
+
+def get_task(spec: str, registry=None, **options) -> Task:
+    """The Task ``spec`` names: ``file:PATH``, ``hub:NAME``, a GLUE name or a registered task
+    (looked up in ``registry``, by default every installed plugin's)."""
+    from peftbench.tasks.resolve import get_task as resolve
+
+    return resolve(spec, registry if registry is not None else get_registry(), **options)
+
 
 __all__ = [
-    "ArchLayout", "AssetError", "Backbone", "BackboneSpec", "Budget", "BudgetError", "ConfigError",
+    "ArchLayout", "AssetError", "Backbone", "BackboneSpec", "Budget", "BudgetError", "ConfigError", "Cost",
     "Injection", "LINEAR_SITES", "LayoutError", "Method", "MethodConfig", "PeftbenchError", "PluginError",
     "SITE_NAMES", "Site", "Solution", "TASK_KINDS", "VerificationError", "from_config", "get_registry",
     "hookimpl", "hookspec", "is_conv1d", "linear_shape", "load_backbone", "load_injection", "logical_numel",
-    "parse_budget", "solve", "solve_or_raise", "spec_for", "verify",
+    "parse_budget", "quant", "solve", "solve_or_raise", "spec_for", "verify",
     "Task", "get_task", "packaged_data",
 ]

@@ -40,6 +40,7 @@ class AdapterLoRA(peftbench.Method):
     knob = "m"
     inserts = "bottleneck adapter on ffn_out (width m) + LoRA on the targets, rank derived from split"
     default_lr = 5e-4
+    schedule_lr = 5e-3  # (2e-3: 0.645, 5e-3: 0.805, 1e-2: 0.785)
 
     class Config(peftbench.MethodConfig):
         m: int = Field(16, ge=1, description="bottleneck width of the adapter path (the knob)")

@@ -348,6 +348,7 @@ class Houlsby(_BottleneckMethod):
     inserts = "bottleneck adapter (d->m->d, skip) on attn_out and ffn_out of each layer; trains the LayerNorms"
     Config = HoulsbyConfig
     sites = ("attn_out", "ffn_out")
+    schedule_lr = 3e-3  # (1e-3: 0.460, 3e-3: 0.755, 1e-2: 0.705)
 
 
 class Pfeiffer(_BottleneckMethod):
@@ -355,6 +356,7 @@ class Pfeiffer(_BottleneckMethod):
     inserts = "bottleneck adapter (d->m->d, skip) on ffn_out of each layer"
     Config = BottleneckConfig
     sites = ("ffn_out",)
+    schedule_lr = 1e-2  # (3e-3: 0.640, 1e-2: 0.790, 3e-2: 0.460)
 
 
 @peftbench.hookimpl

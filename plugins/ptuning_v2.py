@@ -21,6 +21,7 @@ class PTuningV2(peftbench.Method):
     knob = "n"
     inserts = "n trained key/value vectors per attention layer (deep prompts, no reparameterisation)"
     default_lr = 5e-3
+    schedule_lr = 1e-1  # (1e-2: 0.460, 3e-2: 0.640, 1e-1: 0.650)
 
     class Config(peftbench.MethodConfig):
         n: int = Field(20, ge=1, description="virtual tokens (prompt length at every layer)")

@@ -31,8 +31,12 @@ def test_console_script_is_installed():
 def test_methods_json_fields(capsys):
     assert main(["methods", "--json"]) == 0
     for item in json.loads(capsys.readouterr().out):
-        assert set(item) >= {"name", "knob", "inserts", "aliases", "plugin", "budgeted"}
+        assert set(item) >= {"name", "knob", "inserts", "aliases", "plugin", "budgeted", "schedule_lr",
+                             "in_default_grid", "reference"}
         assert item["inserts"], f"{item['name']} says nothing about what it inserts"
+        method = peftbench.get_registry().method(item["name"])  # the registry the command listed
+        assert (item["schedule_lr"], item["in_default_grid"], item["reference"]) == (
+            method.schedule_lr, method.in_default_grid, method.reference)
 
 
 def test_solve_every_registered_method_on_minilm(capsys):

@@ -249,3 +249,25 @@ def test_real_packaged_backbone_forward_backward(method, name, real_backbones):
     finally:
         backbone.model.zero_grad(set_to_none=True)
         injection.remove()
+
+
+# -- what the core asks of a method: declared by each built-in plugin -------------------------
+SCHEDULE_LR = {"full": 2e-4, "head": 3e-2, "lora": 5e-3, "qlora": 5e-3, "adapter_lora": 5e-3, "houlsby": 3e-3,
+               "pfeiffer": 1e-2, "ptuning_v2": 1e-1}
+REFERENCE = {"full": "ceiling", "head": "floor"}
+
+
+def test_builtin_methods_declare_what_the_core_asks():
+    builtin = {n: e.obj for n, e in REGISTRY.methods.items() if e.obj.__module__.startswith("peftbench_plugins")}
+    assert set(builtin) >= {"full", "head", "topk", "lora", "qlora", "adapter_lora", "houlsby", "pfeiffer",
+                            "prefix", "ptuning_v2", "prompt", "ptuning"}
+    for name, method in builtin.items():
+        assert method.schedule_lr == SCHEDULE_LR.get(name), name
+        assert method.in_default_grid is (name != "topk"), name
+        assert method.reference == REFERENCE.get(name), name
+        assert (method.reference is None) is method.budgeted, "a reference baseline is not budget-solved"
+        described = method.describe()
+        assert (described["schedule_lr"], described["in_default_grid"], described["reference"]) == (
+            method.schedule_lr, method.in_default_grid, method.reference)
+    assert peftbench.Method.schedule_lr is None and peftbench.Method.in_default_grid is True
+    assert peftbench.Method.reference is None

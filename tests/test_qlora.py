@@ -65,6 +65,8 @@ def test_weights_take_half_a_byte_per_parameter(minilm, double_quant, per_param)
         assert memory["quantized_bytes"] == sum(nf4_bytes(peftbench.logical_numel(w), double_quant) for w in weights)
         assert memory["bytes_per_param"] == pytest.approx(per_param, abs=5e-4)
         assert memory["fp32_bytes"] == 4 * memory["quantized_params"]
+        # the figure the runner stores and the report shows as an extra column
+        assert injection.costs() == {"4-bit weights": peftbench.Cost(value=memory["quantized_bytes"], unit="bytes")}
         assert all(w.dtype == torch.uint8 and w.numel() * 2 == peftbench.logical_numel(w) for w in weights)
     finally:
         injection.remove()

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from peftbench.contract.costs import Cost
 from peftbench.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -106,6 +107,10 @@ class Injection:
 
     def unmerge(self) -> None:
         """Undo ``merge``."""
+
+    def costs(self) -> dict[str, Cost]:
+        """Extra cost figures, label -> Cost (QLoRA: its 4-bit weights' bytes). Default: none."""
+        return {}
 
     def finalize(self) -> None:
         """Turn training-time structure into what is stored (prefix tuning drops its MLP)."""
