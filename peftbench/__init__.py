@@ -8,7 +8,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from peftbench.backbones.backbone import TASK_KINDS, Backbone, BackboneSpec, from_config, load_backbone, spec_for
-from peftbench.budget import Budget, Solution, parse_budget, solve, solve_or_raise, verify
+from peftbench.budget import Budget, Solution, parse_budget, solve, solve_or_raise
 from peftbench.errors import (
     AssetError,
     BudgetError,
@@ -19,6 +19,7 @@ from peftbench.errors import (
     VerificationError,
 )
 from peftbench.contract.hookspecs import hookimpl, hookspec
+from peftbench.contract.apply import apply, measure
 from peftbench.contract.costs import Cost
 from peftbench.contract.injection import Injection, load_injection
 from peftbench.backbones.layout import LINEAR_SITES, SITE_NAMES, ArchLayout, Site, is_conv1d, linear_shape
@@ -41,8 +42,8 @@ def get_task(spec: str, registry=None, **options) -> Task:
 __all__ = [
     "ArchLayout", "AssetError", "Backbone", "BackboneSpec", "Budget", "BudgetError", "ConfigError", "Cost",
     "Injection", "LINEAR_SITES", "LayoutError", "Method", "MethodConfig", "PeftbenchError", "PluginError",
-    "SITE_NAMES", "Site", "Solution", "TASK_KINDS", "VerificationError", "from_config", "get_registry",
+    "SITE_NAMES", "Site", "Solution", "TASK_KINDS", "VerificationError", "apply", "from_config", "get_registry",
     "hookimpl", "hookspec", "is_conv1d", "linear_shape", "load_backbone", "load_injection", "logical_numel",
-    "parse_budget", "quant", "solve", "solve_or_raise", "spec_for", "verify",
+    "measure", "parse_budget", "quant", "solve", "solve_or_raise", "spec_for",
     "Task", "get_task", "packaged_data",
 ]

@@ -1,8 +1,9 @@
-"""Budgets: parse ``3%`` / ``500k``, solve the knob that hits them, verify by instantiation.
+"""Budgets: parse ``3%`` / ``500k`` and solve the knob that hits them, arithmetic on a spec.
 
 The budget counts a method's trainable parameters during training, relative to the
 backbone's parameters without the task head (the head is shared by every method and
-reported in its own column).
+reported in its own column). Nothing here builds a model: counting by instantiation is
+``peftbench.apply`` / ``peftbench.measure`` (``peftbench.contract.apply``).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 
-from peftbench.errors import BudgetError, VerificationError
+from peftbench.errors import BudgetError
 
 _SUFFIX = {"": 1, "k": 1_000, "m": 1_000_000, "b": 1_000_000_000}
 _BUDGET = re.compile(r"^\s*(?P<num>\d+(?:\.\d+)?|\.\d+)\s*(?P<unit>%|[kKmMbB])?\s*$")
@@ -147,28 +148,3 @@ def solve_or_raise(method, cfg, spec, budget) -> Solution:
     if not sol.reachable:
         raise BudgetError(f"budget {budget} ({sol.target:,} params) on {spec.name}: {sol.note}")
     return sol
-
-
-def verify(method, cfg, backbone, injection=None) -> int:
-    """Check ``param_count`` against the parameters that require grad after ``inject``.
-
-    Returns the measured count; raises VerificationError naming the method on mismatch.
-    """
-    cfg = method.config(cfg)
-    expected = method.param_count(cfg, backbone.spec)
-    own = injection is None
-    if own:
-        backbone.freeze()
-        injection = method.inject(backbone, cfg)
-    try:
-        measured = backbone.count_trainable()
-    finally:
-        if own:
-            injection.remove()
-    if measured != expected:
-        raise VerificationError(
-            f"method {method.name!r} ({method.knob}={method.knob_value(cfg)}): param_count says {expected:,} "
-            f"but inject made {measured:,} trainable parameters on {backbone.spec.name} "
-            f"(difference {measured - expected:+,})"
-        )
-    return measured

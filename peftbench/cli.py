@@ -82,9 +82,10 @@ def cmd_plugins(args) -> int:
 
 # -- solve ---------------------------------------------------------------------------------
 def solve_methods(reg, backbone_name: str, methods: list[str], budget: str, verify_counts: bool = True, task: str = "classification"):
-    """Solve every method's knob for the budget; verify by instantiation on the real backbone."""
+    """Solve every method's knob for the budget; with ``verify_counts``, measure each on the real backbone."""
     from peftbench.backbones.backbone import load_backbone, spec_for
     from peftbench.budget import parse_budget, solve
+    from peftbench.contract.apply import measure
 
     parsed = parse_budget(budget)
     names = [reg.canonical(m) for m in methods]
@@ -97,12 +98,7 @@ def solve_methods(reg, backbone_name: str, methods: list[str], budget: str, veri
         backbone = load_backbone(backbone_name, task=task, registry=reg)
         for method, sol in solutions:
             cfg = method.config() if sol.value is None else method.with_knob(method.config(), sol.value)
-            backbone.freeze()
-            injection = method.inject(backbone, cfg)
-            try:
-                sol.measured = backbone.count_trainable()
-            finally:
-                injection.remove()
+            sol.measured = measure(method, backbone, cfg)  # applied (config checked), counted, removed
             sol.verified = sol.measured == sol.params
     return spec, solutions
 

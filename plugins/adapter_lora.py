@@ -77,9 +77,7 @@ class AdapterLoRA(peftbench.Method):
 
     # -- building --------------------------------------------------------------------------
     def inject(self, backbone, cfg):
-        cfg = self.config(cfg)
         spec = backbone.spec
-        self.check(cfg, spec)
         injection = LoRAInjection(backbone, self, cfg)
         add_lora(injection, target_names(self.name, cfg.targets, spec), self.rank(cfg, spec), cfg.alpha, cfg.dropout)
         blocks = backbone.layer_modules()

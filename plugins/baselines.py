@@ -82,7 +82,6 @@ class TopK(peftbench.Method):
         return cfg.k * spec.layer_params  # k identical blocks
 
     def inject(self, backbone, cfg):
-        self.check(cfg, backbone.spec)
         injection = peftbench.Injection(backbone, self, cfg)
         layers = backbone.layer_modules()
         first = len(layers) - cfg.k

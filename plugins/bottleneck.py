@@ -323,9 +323,7 @@ class _BottleneckMethod(peftbench.Method):
 
     # -- building --------------------------------------------------------------------------
     def inject(self, backbone, cfg):
-        cfg = self.config(cfg)
         spec = backbone.spec
-        self.check(cfg, spec)
         d, m = spec.hidden, self.width(cfg, spec)
         injection = peftbench.Injection(backbone, self, cfg)
         blocks = backbone.layer_modules()

@@ -353,8 +353,6 @@ class LoRA(peftbench.Method):
         return lora_params(cfg.r, target_names(self.name, cfg.targets, spec), spec)
 
     def inject(self, backbone, cfg):
-        cfg = self.config(cfg)
-        self.check(cfg, backbone.spec)
         injection = LoRAInjection(backbone, self, cfg)
         add_lora(injection, target_names(self.name, cfg.targets, backbone.spec), cfg.r, cfg.alpha, cfg.dropout)
         return injection

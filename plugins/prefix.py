@@ -153,7 +153,6 @@ class Prefix(peftbench.Method):
         return spec.layers * 2 * cfg.n * spec.kv_dim
 
     def inject(self, backbone, cfg):
-        self.check(cfg, backbone.spec)
         injection = PrefixInjection(backbone, self, cfg)
         table = PrefixTable(backbone.spec, cfg.n, self.mlp_width(cfg, backbone.spec))
         injection.table = attach_prefix(injection, table)

@@ -147,7 +147,6 @@ class Prompt(peftbench.Method):
         return cfg.n * spec.hidden
 
     def inject(self, backbone, cfg):
-        self.check(cfg, backbone.spec)
         injection = peftbench.Injection(backbone, self, cfg)
         soft = injection.attach(backbone.base_model, "prompt", SoftPrompt(backbone.embeddings(), cfg.n, cfg.init))
         attach_input_prompt(injection, soft, cfg.n)

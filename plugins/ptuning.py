@@ -108,7 +108,6 @@ class PTuning(peftbench.Method):
         return cfg.n * spec.hidden
 
     def inject(self, backbone, cfg):
-        self.check(cfg, backbone.spec)
         spec = backbone.spec
         injection = PTuningInjection(backbone, self, cfg)
         encoder = PromptEncoder(cfg.n, spec.hidden, self.width(cfg, spec), cfg.encoder)

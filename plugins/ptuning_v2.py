@@ -34,7 +34,6 @@ class PTuningV2(peftbench.Method):
         return spec.layers * 2 * cfg.n * spec.kv_dim
 
     def inject(self, backbone, cfg):
-        self.check(cfg, backbone.spec)
         injection = PrefixInjection(backbone, self, cfg)
         injection.table = attach_prefix(injection, PrefixTable(backbone.spec, cfg.n, hidden=None))
         return injection

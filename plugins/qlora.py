@@ -69,8 +69,6 @@ class QLoRA(LoRA):
         super().check(cfg, spec)
 
     def inject(self, backbone, cfg):
-        cfg = self.config(cfg)
-        self.check(cfg, backbone.spec)
         injection = QLoRAInjection(backbone, self, cfg)
         dtype = None
         for site in _linear_sites(backbone):

@@ -44,9 +44,11 @@ def tiny_config(arch: str):
     raise KeyError(arch)
 
 
-def tiny_backbone(arch: str, task: str = "classification", seed: int = 0, num_labels: int = 2) -> peftbench.Backbone:
-    backbone = peftbench.from_config(tiny_config(arch), task=task, num_labels=num_labels, seed=seed)
-    return backbone
+def tiny_backbone(arch: str, task: str = "classification", seed: int = 0, num_labels: int = 2,
+                  registry=None) -> peftbench.Backbone:
+    """A random tiny backbone of ``arch``; its layout comes from ``registry`` (default: every installed plugin)."""
+    return peftbench.from_config(tiny_config(arch), task=task, num_labels=num_labels, seed=seed,
+                                 registry=registry if registry is not None else peftbench.get_registry())
 
 
 def tiny_batch(batch: int = 3, length: int = 7, seed: int = 1, pad: bool = True, left: bool = False):
@@ -78,10 +80,9 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
 
 
 def inject(registry, backbone, method: str, **cfg):
-    """Freeze ``backbone`` and inject ``method`` with ``cfg``; returns (method, injection)."""
-    backbone.freeze()
+    """``peftbench.apply`` the registry's ``method`` with ``cfg`` (checked, frozen, verified); (method, injection)."""
     m = registry.method(method)
-    return m, m.inject(backbone, m.config(**cfg))
+    return m, peftbench.apply(m, backbone, cfg)
 
 
 def batch_for(backbone, **kwargs):

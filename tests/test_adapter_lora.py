@@ -19,7 +19,7 @@ def test_counts_exact_for_several_m_and_splits(arch):
     for split in (0.2, 0.5, 0.8):
         for m in (1, 4, 17, 32):
             cfg = METHOD.config(m=m, split=split)
-            assert peftbench.verify(METHOD, cfg, backbone) == METHOD.param_count(cfg, backbone.spec)
+            assert peftbench.measure(METHOD, backbone, cfg) == METHOD.param_count(cfg, backbone.spec)
 
 
 def test_rank_rule_by_hand():
@@ -40,7 +40,7 @@ def test_rank_rule_by_hand():
 
 @pytest.mark.parametrize("split", [0.1, 0.5, 0.9])
 def test_count_non_decreasing_in_m_and_split_respected(split):
-    spec = peftbench.spec_for("minilm")
+    spec = peftbench.spec_for("minilm", registry=peftbench.get_registry())
     lo, hi = METHOD.knob_range(METHOD.config(), spec)
     counts = [METHOD.param_count(METHOD.config(m=m, split=split), spec) for m in range(lo, hi + 1)]
     assert all(a <= b for a, b in zip(counts, counts[1:]))
@@ -54,8 +54,7 @@ def test_identity_at_init_then_both_paths_get_gradients(arch):
     backbone = tiny_backbone(arch)
     batch = batch_for(backbone)
     ref = backbone.model(**batch, output_hidden_states=True).hidden_states[-1]
-    backbone.freeze()
-    injection = METHOD.inject(backbone, METHOD.config(m=4))
+    injection = peftbench.apply(METHOD, backbone, METHOD.config(m=4))
     out = backbone.model(**batch, output_hidden_states=True).hidden_states[-1]
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
     adapters = [m for m in backbone.model.modules() if isinstance(m, Bottleneck)]
@@ -81,8 +80,7 @@ def test_identity_at_init_then_both_paths_get_gradients(arch):
 def test_adapter_sees_lora_output_when_ffn_out_is_a_target():
     """With ffn_out among LoRA's targets the adapter hooks the wrapper, so it adapts W x + B A x."""
     backbone = tiny_backbone("bert")
-    backbone.freeze()
-    injection = METHOD.inject(backbone, METHOD.config(m=4, targets=["q", "v", "ffn_out"]))
+    injection = peftbench.apply(METHOD, backbone, METHOD.config(m=4, targets=["q", "v", "ffn_out"]))
     site = backbone.site(0, "ffn_out")
     assert isinstance(site.module, LoRALinear) and len(site.module._forward_hooks) == 1
     assert len(site.module.base_layer._forward_hooks) == 0
@@ -96,8 +94,7 @@ def test_fused_adapter_equals_module_path(arch):
     (adapter and LoRA) match the module path's (h + adapter.delta(h)), in float32."""
     backbone = tiny_backbone(arch)
     batch = batch_for(backbone)
-    backbone.freeze()
-    injection = METHOD.inject(backbone, METHOD.config(m=4, non_linearity="gelu", targets=["q", "v", "ffn_out"]))
+    injection = peftbench.apply(METHOD, backbone, METHOD.config(m=4, non_linearity="gelu", targets=["q", "v", "ffn_out"]))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in injection.named_parameters().values():

@@ -30,8 +30,7 @@ def adapters_of(backbone, method, layer):
 
 def inject(backbone, name, **cfg):
     method = peftbench.get_registry().method(name)
-    backbone.freeze()
-    return method, method.inject(backbone, method.config(cfg))
+    return method, peftbench.apply(method, backbone, cfg)
 
 
 def perturb(injection, seed=0):
@@ -139,7 +138,7 @@ def test_counts_match_trainable(method, arch, m, layers):
     registry = peftbench.get_registry()
     meth = registry.method(method)
     cfg = meth.config(m=m, layers=layers)
-    measured = peftbench.verify(meth, cfg, backbone)
+    measured = peftbench.measure(meth, backbone, cfg)
     d, L = backbone.spec.hidden, len(layers or range(backbone.spec.layers))
     norms = sum(backbone.spec.norm_params.values()) if method == "houlsby" else 0
     assert measured == L * (len(SITES[method]) * (2 * d * m + m + d) + norms)
@@ -178,7 +177,7 @@ def test_remove_and_save_load(method, arch, tmp_path):
     assert not any(m._forward_hooks for m in backbone.model.modules())
     fresh = tiny_backbone(arch, seed=0)
     fresh.freeze()
-    peftbench.load_injection(fresh, tmp_path)
+    peftbench.load_injection(fresh, tmp_path, peftbench.get_registry())
     with torch.no_grad():
         assert torch.equal(fresh.model(**batch).logits, adapted)
 
@@ -237,7 +236,7 @@ def test_bad_input_names_method_field_and_allowed(method, cfg, needles):
     meth = peftbench.get_registry().method(method)
     with pytest.raises(peftbench.ConfigError) as info:
         config = meth.config(cfg)  # value errors: here; range errors: on the backbone
-        meth.inject(backbone, config)
+        peftbench.apply(meth, backbone, config)
     message = str(info.value)
     assert f"method {method!r}" in message
     for needle in needles:
@@ -249,7 +248,7 @@ def test_bad_input_names_method_field_and_allowed(method, cfg, needles):
 # -- the real packaged MiniLM ---------------------------------------------------------------
 
 def test_minilm_forward_backward():
-    backbone = peftbench.load_backbone("minilm")
+    backbone = peftbench.load_backbone("minilm", registry=peftbench.get_registry())
     method, injection = inject(backbone, "houlsby")
     # d = 384, L = 6, m = 384 // 16 = 24: 12 adapters of 2*384*24 + 24 + 384, plus 12 LayerNorms of 768
     assert backbone.count_trainable() == method.param_count(injection.config, backbone.spec) == 12 * 18_840 + 12 * 768

@@ -8,7 +8,7 @@ from torch import nn
 import peftbench
 from conftest import tiny_backbone
 
-MINILM = peftbench.spec_for("minilm")
+MINILM = peftbench.spec_for("minilm", registry=peftbench.get_registry())
 
 
 class SquareConfig(peftbench.MethodConfig):
@@ -97,8 +97,12 @@ def test_infeasible_budget_names_the_range():
 def test_verify_by_instantiation():
     method = Square()
     backbone = tiny_backbone("llama")
-    assert peftbench.verify(method, method.config(n=5), backbone) == 50
-    assert backbone.count_trainable() == 0  # verify removed its injection
+    assert peftbench.measure(method, backbone, method.config(n=5)) == 50
+    assert backbone.count_trainable() == 0  # measure removed its injection
+    injection = peftbench.apply(method, backbone, {"n": 5})  # verified against param_count, kept
+    assert injection.trainable_params == backbone.count_trainable() == 50
+    injection.remove()
+    assert backbone.count_trainable() == 0
 
 
 REGISTRY = peftbench.get_registry()

@@ -262,7 +262,7 @@ def test_finalize_keeps_outputs_and_saves_only_the_table(registry, tmp_path, arc
     injection.save(tmp_path)
     fresh = tiny_backbone(arch, task=task, seed=0)
     fresh.freeze()
-    loaded = peftbench.load_injection(fresh, tmp_path)
+    loaded = peftbench.load_injection(fresh, tmp_path, registry)
     assert loaded.finalized and not loaded.table.reparameterized
     with torch.no_grad():
         assert torch.equal(fresh.model(**data).logits, after)
@@ -273,7 +273,7 @@ def test_bad_input_names_method_field_and_range(registry):
     for method in KV_METHODS:
         m = registry.method(method)
         with pytest.raises(peftbench.ConfigError, match=rf"method '{method}'.*'n' = 65.*allowed 1\.\.64"):
-            m.inject(backbone, m.config(n=65))
+            peftbench.apply(m, backbone, m.config(n=65))  # refused by check, before inject
         with pytest.raises(peftbench.ConfigError, match="'n'"):
             m.config(n=0)
         with pytest.raises(peftbench.ConfigError, match="'rank'"):
@@ -346,7 +346,7 @@ def test_matches_peft(registry, arch, task, method, cfg):
 @pytest.fixture(scope="module", params=[("minilm", "classification"), ("smollm2", "causal_lm")], ids=lambda p: p[0])
 def real_backbone(request):
     name, task = request.param
-    backbone = peftbench.load_backbone(name, task=task)
+    backbone = peftbench.load_backbone(name, task=task, registry=peftbench.get_registry())
     backbone.tokenizer.padding_side = "left" if backbone.spec.is_decoder else "right"
     return backbone
 

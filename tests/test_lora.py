@@ -46,8 +46,7 @@ def test_outputs_match_peft(arch, targets):
     ours.model.double(), theirs.model.double()
     batch = batch_for(ours)
     base_out = hidden(ours, batch)
-    ours.freeze()
-    injection = LORA.inject(ours, LORA.config(r=r, alpha=alpha, targets=targets))
+    injection = peftbench.apply(LORA, ours, LORA.config(r=r, alpha=alpha, targets=targets))
     randomize(injection)
     mine = wrappers(ours)
     ranks = {path: r * len(w.slices) for path, w in mine.items() if w.slices}
@@ -80,8 +79,7 @@ def test_identity_merge_unmerge_remove(arch, targets):
     before = {k: v.clone() for k, v in backbone.model.state_dict().items()}
     modules_before = {n: m for n, m in backbone.model.named_modules()}
     ref = hidden(backbone, batch)
-    backbone.freeze()
-    injection = LORA.inject(backbone, LORA.config(r=3, targets=targets))
+    injection = peftbench.apply(LORA, backbone, LORA.config(r=3, targets=targets))
     torch.testing.assert_close(hidden(backbone, batch), ref, atol=1e-5, rtol=0)  # B = 0 at init
     randomize(injection, std=0.1)
     unmerged = hidden(backbone, batch)
@@ -118,8 +116,7 @@ def test_all_linear_counts(arch):
     expected = 2 * 2 * ALL_LINEAR_PER_RANK[arch]  # L = 2, r = 2
     assert LORA.param_count(cfg, backbone.spec) == expected
     assert LORA.knob_range(cfg, backbone.spec) == (1, ALL_LINEAR_MAX_RANK[arch])
-    backbone.freeze()
-    injection = LORA.inject(backbone, cfg)
+    injection = peftbench.apply(LORA, backbone, cfg)
     assert backbone.count_trainable() == expected
     assert len(wrappers(backbone)) == 2 * ALL_LINEAR_MODULES[arch]
     injection.remove()
@@ -128,8 +125,7 @@ def test_all_linear_counts(arch):
 def test_gpt2_slices_receive_deltas_only_in_their_slice():
     """q and v on the fused c_attn: one wrapper; the k columns stay exactly the base's."""
     backbone = tiny_backbone("gpt2")
-    backbone.freeze()
-    injection = LORA.inject(backbone, LORA.config(r=2, targets=["q", "v"]))
+    injection = peftbench.apply(LORA, backbone, LORA.config(r=2, targets=["q", "v"]))
     randomize(injection)
     c_attn = backbone.model.transformer.h[0].attn.c_attn
     assert isinstance(c_attn, SlicedLoRALinear) and c_attn.slices == [(0, 32), (64, 96)]
@@ -148,8 +144,7 @@ def test_gpt2_slices_receive_deltas_only_in_their_slice():
 
 def test_llama_gqa_key_value_width():
     backbone = tiny_backbone("llama")  # 4 heads, 2 kv heads, head_dim 8: k/v are 32 -> 16
-    backbone.freeze()
-    injection = LORA.inject(backbone, LORA.config(r=3, targets=["q", "k", "v"]))
+    injection = peftbench.apply(LORA, backbone, LORA.config(r=3, targets=["q", "k", "v"]))
     attn = backbone.model.model.layers[1].self_attn
     assert attn.q_proj.lora_B.weight.shape == (32, 3)
     assert attn.k_proj.lora_B.weight.shape == (16, 3) and attn.v_proj.lora_B.weight.shape == (16, 3)
@@ -180,8 +175,7 @@ def test_site_missing_or_rank_too_large():
 
 def test_dropout_only_in_training():
     backbone = tiny_backbone("bert")
-    backbone.freeze()
-    injection = LORA.inject(backbone, LORA.config(r=2, dropout=0.5))
+    injection = peftbench.apply(LORA, backbone, LORA.config(r=2, dropout=0.5))
     randomize(injection)
     batch = batch_for(backbone)
     assert torch.equal(hidden(backbone, batch), hidden(backbone, batch))  # eval: dropout off
@@ -193,10 +187,11 @@ def test_dropout_only_in_training():
 
 @pytest.mark.parametrize("name", ["minilm", "smollm2"])
 def test_real_backbone_forward_backward(name):
-    backbone = peftbench.load_backbone(name, task="causal_lm" if name == "smollm2" else "classification")
+    backbone = peftbench.load_backbone(name, task="causal_lm" if name == "smollm2" else "classification",
+                                       registry=peftbench.get_registry())
     backbone.freeze()
     cfg = LORA.config(r=4)
-    injection = LORA.inject(backbone, cfg)
+    injection = peftbench.apply(LORA, backbone, cfg)
     assert backbone.count_trainable() == LORA.param_count(cfg, backbone.spec)
     batch = backbone.tokenizer(["a short test sentence"], return_tensors="pt")
     labels = batch["input_ids"] if name == "smollm2" else torch.tensor([1])
@@ -241,8 +236,7 @@ def test_fused_path_equals_module_path(arch):
     """Training step, float32: the fused node gives the module path's outputs and gradients; W, b get none."""
     backbone = tiny_backbone(arch)
     batch = batch_for(backbone)
-    backbone.freeze()
-    injection = LORA.inject(backbone, LORA.config(r=2, alpha=6.0, targets="all-linear"))
+    injection = peftbench.apply(LORA, backbone, LORA.config(r=2, alpha=6.0, targets="all-linear"))
     randomize(injection, std=0.1)
     layers = list(wrappers(backbone).values())
 
@@ -262,8 +256,7 @@ def test_no_grad_path_equals_module_path(arch, monkeypatch):
 
     backbone = tiny_backbone(arch)
     batch = batch_for(backbone)
-    backbone.freeze()
-    injection = LORA.inject(backbone, LORA.config(r=2, alpha=6.0, targets="all-linear"))
+    injection = peftbench.apply(LORA, backbone, LORA.config(r=2, alpha=6.0, targets="all-linear"))
     randomize(injection, std=0.1)
     layers = list(wrappers(backbone).values())
     assert any(layer.slices for layer in layers) == (arch == "gpt2")  # GPT-2: fused q|k|v slices

@@ -12,6 +12,8 @@ Plus one forward/backward of each method on the real packaged MiniLM and SmolLM2
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -74,12 +76,12 @@ def test_param_count_matches_instantiation(method, arch):
     backbone = tiny_backbone(arch)
     for value in knob_values(method, backbone.spec):
         cfg = method.config() if value is None else method.with_knob(method.config(), value)
-        backbone.freeze()
-        injection = method.inject(backbone, cfg)
+        injection = peftbench.apply(method, backbone, cfg, verify=False)  # compared here, not by apply
         measured = backbone.count_trainable()
         own = sum(peftbench.logical_numel(p) for p in injection.named_parameters().values() if p.requires_grad)
         injection.remove()
         assert measured == method.param_count(cfg, backbone.spec), (method.name, arch, value)
+        assert injection.trainable_params == measured, "apply records what it counted"
         assert own == measured, "the injection must account for every parameter it trains"
 
 
@@ -87,8 +89,7 @@ def test_param_count_matches_instantiation(method, arch):
 def test_only_method_params_train(method, arch):
     backbone = tiny_backbone(arch)
     cfg = configured(method, backbone.spec)
-    backbone.freeze()
-    injection = method.inject(backbone, cfg)
+    injection = peftbench.apply(method, backbone, cfg)
     perturb(injection)
     backbone.model.train()
     own = {id(p) for p in injection.named_parameters().values()}
@@ -124,7 +125,7 @@ def test_remove_restores_bit_for_bit(method, arch):
     before_impl = backbone.model.config._attn_implementation
     with torch.no_grad():
         before_out = backbone.model(**batch).logits
-    injection = method.inject(backbone, configured(method, backbone.spec))
+    injection = peftbench.apply(method, backbone, configured(method, backbone.spec))
     perturb(injection, added_only=True)  # trained base weights are the method's to change
     with torch.no_grad():
         backbone.model(**batch)
@@ -144,8 +145,7 @@ def test_remove_restores_bit_for_bit(method, arch):
 def test_save_load_reproduces_outputs(method, arch, tmp_path):
     backbone = tiny_backbone(arch, seed=0)
     cfg = configured(method, backbone.spec)
-    backbone.freeze()
-    injection = method.inject(backbone, cfg)
+    injection = peftbench.apply(method, backbone, cfg)
     perturb(injection)
     with torch.no_grad():
         for p in backbone.head_parameters().values():
@@ -164,7 +164,7 @@ def test_save_load_reproduces_outputs(method, arch, tmp_path):
         for p in fresh.head_parameters().values():
             p.zero_()
     fresh.freeze()
-    peftbench.load_injection(fresh, tmp_path)
+    peftbench.load_injection(fresh, tmp_path, REGISTRY)
     with torch.no_grad():
         got = fresh.model(**batch).logits
     assert torch.equal(got, expected)
@@ -174,8 +174,7 @@ def test_save_load_reproduces_outputs(method, arch, tmp_path):
 def test_training_reduces_loss(method, arch):
     torch.manual_seed(0)
     backbone = tiny_backbone(arch)
-    backbone.freeze()
-    injection = method.inject(backbone, configured(method, backbone.spec))
+    injection = peftbench.apply(method, backbone, configured(method, backbone.spec))
     backbone.model.train()
     for module in backbone.model.modules():  # dropout off: a deterministic comparison
         if isinstance(module, torch.nn.Dropout):
@@ -200,8 +199,7 @@ def test_causal_lm_contract(method, arch):
     """Decoders with an LM head: counts hold and training reduces the LM loss."""
     backbone = tiny_backbone(arch, task="causal_lm")
     cfg = configured(method, backbone.spec)
-    backbone.freeze()
-    injection = method.inject(backbone, cfg)
+    injection = peftbench.apply(method, backbone, cfg, verify=False)
     assert backbone.count_trainable() == method.param_count(cfg, backbone.spec)
     params = [p for p in backbone.model.parameters() if p.requires_grad]
     batch = batch_for(backbone)
@@ -223,7 +221,7 @@ def test_causal_lm_contract(method, arch):
 
 @pytest.fixture(scope="module")
 def real_backbones():
-    return {name: peftbench.load_backbone(name) for name in ("minilm", "smollm2")}
+    return {name: peftbench.load_backbone(name, registry=REGISTRY) for name in ("minilm", "smollm2")}
 
 
 @pytest.mark.parametrize("name", ["minilm", "smollm2"])
@@ -234,8 +232,7 @@ def test_real_packaged_backbone_forward_backward(method, name, real_backbones):
     if method.knob is not None:  # the budget's knob at 0.1% (or the nearest feasible size)
         sol = peftbench.solve(method, cfg, spec, "0.1%")
         cfg = method.with_knob(cfg, sol.value)
-    backbone.freeze()
-    injection = method.inject(backbone, cfg)
+    injection = peftbench.apply(method, backbone, cfg, verify=False)
     try:
         assert backbone.count_trainable() == method.param_count(cfg, spec)
         tok = backbone.tokenizer
@@ -249,6 +246,121 @@ def test_real_packaged_backbone_forward_backward(method, name, real_backbones):
     finally:
         backbone.model.zero_grad(set_to_none=True)
         injection.remove()
+
+
+# -- apply: the one template every injection goes through ------------------------------------
+class _Scale(torch.nn.Module):
+    def __init__(self, n):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(n))
+
+
+class _Probe(peftbench.Method):
+    """A method whose inject does not check; ``param_count`` can be told to be off by ``error``."""
+
+    name = "probe"
+    knob = "n"
+
+    class Config(peftbench.MethodConfig):
+        n: int = 2
+
+    def __init__(self, refuse: bool = False, error: int = 0):
+        self.refuse, self.error, self.injected = refuse, error, 0
+
+    def knob_range(self, cfg, spec):
+        return 1, 8
+
+    def check(self, cfg, spec):
+        if self.refuse:
+            raise peftbench.ConfigError(f"method 'probe': refused on {spec.name}")
+        super().check(cfg, spec)
+
+    def param_count(self, cfg, spec):
+        return cfg.n + self.error
+
+    def inject(self, backbone, cfg):  # no config(), no check(): apply's job
+        self.injected += 1
+        injection = peftbench.Injection(backbone, self, cfg)
+        injection.attach(backbone.base_model, "probe", _Scale(cfg.n))
+        return injection
+
+
+def _state(backbone):
+    return ([(n, type(m).__name__) for n, m in backbone.model.named_modules()],
+            {n: p.requires_grad for n, p in backbone.model.named_parameters()},
+            {k: v.clone() for k, v in backbone.model.state_dict().items()})
+
+
+def test_apply_calls_check_even_when_inject_does_not():
+    backbone = tiny_backbone("bert")
+    flags = {n: p.requires_grad for n, p in backbone.model.named_parameters()}
+    probe = _Probe(refuse=True)
+    with pytest.raises(peftbench.ConfigError, match="refused on tiny-bert"):
+        peftbench.apply(probe, backbone, {"n": 2})
+    with pytest.raises(peftbench.ConfigError, match=r"'n' = 9 is out of range on tiny-bert \(allowed 1\.\.8\)"):
+        peftbench.apply(_Probe(), backbone, {"n": 9})  # the default check: the knob's range
+    with pytest.raises(peftbench.ConfigError, match="method 'probe': field 'm'"):
+        peftbench.apply(_Probe(), backbone, {"m": 2})  # the config is validated first
+    assert probe.injected == 0, "refused before inject"
+    assert {n: p.requires_grad for n, p in backbone.model.named_parameters()} == flags, "and before freezing"
+    with pytest.raises(peftbench.ConfigError, match="refused"):
+        peftbench.measure(probe, backbone, {"n": 2})  # solve's count goes through apply too
+
+
+def test_apply_freezes_counts_and_records():
+    backbone = tiny_backbone("llama")
+    for p in backbone.model.parameters():
+        p.requires_grad_(True)  # apply starts from a frozen backbone whatever it was given
+    injection = peftbench.apply(_Probe(), backbone, {"n": 3})
+    assert injection.trainable_params == backbone.count_trainable() == 3
+    assert isinstance(injection.config, _Probe.Config) and injection.config.n == 3
+    injection.remove()
+    assert peftbench.measure(_Probe(), backbone, _Probe().config(n=5)) == 5
+    assert backbone.count_trainable() == 0  # measure removed its injection
+
+
+@pytest.mark.parametrize("error", [1, -1])
+def test_apply_removes_the_injection_when_verification_fails(error):
+    backbone = tiny_backbone("gpt2")
+    backbone.freeze()
+    before = _state(backbone)
+    probe = _Probe(error=error)
+    message = (f"method 'probe' (n=2): param_count says {2 + error:,} but inject made 2 trainable "
+               f"parameters on tiny-gpt2 (difference {-error:+,})")
+    with pytest.raises(peftbench.VerificationError, match=re.escape(message)):
+        peftbench.apply(probe, backbone, {"n": 2})
+    assert probe.injected == 1, "inject ran; its result was removed"
+    after = _state(backbone)
+    assert after[0] == before[0] and after[1] == before[1]
+    assert after[2].keys() == before[2].keys() and all(torch.equal(after[2][k], v) for k, v in before[2].items())
+    assert not hasattr(backbone.base_model, "peftbench_probe")
+    injection = peftbench.apply(probe, backbone, {"n": 2}, verify=False)  # measuring only: kept, counted
+    assert injection.trainable_params == 2
+    injection.remove()
+    assert peftbench.measure(probe, backbone, {"n": 2}) == 2
+
+
+def test_load_injection_goes_through_apply(tmp_path):
+    backbone = tiny_backbone("bert")
+    peftbench.apply(_Probe(), backbone, {"n": 4}).save(tmp_path)
+
+    class Registry:  # anything with .method(name)
+        def __init__(self, method):
+            self.m = method
+
+        def method(self, name):
+            assert name == "probe"
+            return self.m
+
+    fresh = tiny_backbone("bert")
+    loaded = peftbench.load_injection(fresh, tmp_path, Registry(_Probe()))
+    assert loaded.trainable_params == fresh.count_trainable() == 4
+    loaded.remove()
+    with pytest.raises(peftbench.VerificationError, match="param_count says 5"):
+        peftbench.load_injection(fresh, tmp_path, Registry(_Probe(error=1)))
+    with pytest.raises(peftbench.ConfigError, match="refused"):
+        peftbench.load_injection(fresh, tmp_path, Registry(_Probe(refuse=True)))
+    assert fresh.count_trainable() == 0 and not hasattr(fresh.base_model, "peftbench_probe")
 
 
 # -- what the core asks of a method: declared by each built-in plugin -------------------------
@@ -271,3 +383,13 @@ def test_builtin_methods_declare_what_the_core_asks():
             method.schedule_lr, method.in_default_grid, method.reference)
     assert peftbench.Method.schedule_lr is None and peftbench.Method.in_default_grid is True
     assert peftbench.Method.reference is None
+
+
+def test_injection_costs_default_to_none():
+    backbone = tiny_backbone("bert")
+    injection = peftbench.apply(REGISTRY.method("lora"), backbone, {"r": 2})
+    assert injection.costs() == {}
+    injection.remove()
+    assert peftbench.Cost(value=3, unit="bytes").value == 3.0
+    with pytest.raises(ValueError):
+        peftbench.Cost(value=1, unit="furlongs")

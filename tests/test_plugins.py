@@ -154,7 +154,8 @@ def test_wrong_param_count_is_caught_by_verify_and_solve(tmp_path, capsys):
     backbone = tiny_backbone("bert")
     method = reg.method("liar")
     with pytest.raises(peftbench.VerificationError, match=r"method 'liar' \(n=2\): param_count says 65 but inject made 64"):
-        peftbench.verify(method, method.config(n=2), backbone)
+        peftbench.apply(method, backbone, method.config(n=2))
+    assert backbone.count_trainable() == 0 and not hasattr(backbone.embeddings(), "peftbench_rows")  # removed
     code = main(["--plugins-dir", str(tmp_path), "solve", "--backbone", "minilm", "--methods", "liar", "--budget", "100k"])
     assert code == 1
     assert "NO (measured" in capsys.readouterr().out
@@ -197,9 +198,10 @@ def test_readme_plugin_example_works(tmp_path, capsys):
     from conftest import batch_for, tiny_backbone
 
     backbone = tiny_backbone("bert")
-    assert peftbench.verify(method, method.config(n=2), backbone) == 2 * 32
-    backbone.freeze()
-    injection = method.inject(backbone, method.config(n=1))
+    verified = peftbench.apply(method, backbone, method.config(n=2))  # param_count checked against inject
+    assert verified.trainable_params == 2 * 32
+    verified.remove()
+    injection = peftbench.apply(method, backbone, method.config(n=1))
     out = backbone.model(**batch_for(backbone)).logits
     out.sum().backward()
     assert all(p.grad is not None for p in injection.named_parameters().values())

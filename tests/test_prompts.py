@@ -198,7 +198,7 @@ def test_save_and_load(registry, tmp_path, method):
     injection.save(tmp_path)
     fresh = tiny_backbone("llama", task="causal_lm", seed=0)
     fresh.freeze()
-    peftbench.load_injection(fresh, tmp_path)
+    peftbench.load_injection(fresh, tmp_path, registry)
     with torch.no_grad():
         assert torch.equal(fresh.model(**data).logits, expected)
 
@@ -226,7 +226,7 @@ def test_ptuning_finalize_stores_only_the_prompt(registry, tmp_path, encoder):
     assert small < 3 * 32 * 4 + 1024 < (tmp_path / "encoder" / "adapter_model.safetensors").stat().st_size
     fresh = tiny_backbone("llama", task="causal_lm", seed=0)
     fresh.freeze()
-    loaded = peftbench.load_injection(fresh, tmp_path / "final")
+    loaded = peftbench.load_injection(fresh, tmp_path / "final", registry)
     assert loaded.finalized and loaded.encoder.flattened
     with torch.no_grad():
         assert torch.equal(fresh.model(**data).logits, after)
@@ -237,7 +237,7 @@ def test_bad_input_names_method_field_and_range(registry):
     for method in ("prompt", "ptuning"):
         m = registry.method(method)
         with pytest.raises(peftbench.ConfigError, match=rf"method '{method}'.*'n' = 33.*allowed 1\.\.32"):
-            m.inject(backbone, m.config(n=33))
+            peftbench.apply(m, backbone, m.config(n=33))  # refused by check, before inject
         with pytest.raises(peftbench.ConfigError, match="'n'"):
             m.config(n=0)
     with pytest.raises(peftbench.ConfigError, match="'encoder'"):
@@ -257,7 +257,7 @@ def test_bad_input_names_method_field_and_range(registry):
 @pytest.fixture(scope="module", params=[("minilm", "classification"), ("smollm2", "causal_lm")], ids=lambda p: p[0])
 def real_backbone(request):
     name, task = request.param
-    backbone = peftbench.load_backbone(name, task=task)
+    backbone = peftbench.load_backbone(name, task=task, registry=peftbench.get_registry())
     backbone.tokenizer.padding_side = "left" if backbone.spec.is_decoder else "right"
     return backbone
 

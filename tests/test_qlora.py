@@ -44,7 +44,7 @@ def nf4_bytes(n: int, double_quant: bool) -> int:
 
 @pytest.fixture(scope="module")
 def minilm():
-    return peftbench.load_backbone("minilm")
+    return peftbench.load_backbone("minilm", registry=peftbench.get_registry())
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +56,7 @@ def minilm_batch(minilm):
 def test_weights_take_half_a_byte_per_parameter(minilm, double_quant, per_param):
     """MiniLM's 36 block linears (10.6M weights) in NF4: 0.5196 bytes/param (0.5627 without
     double quantisation) against 4 in fp32; every byte accounted for by ``nf4_bytes``."""
-    minilm.freeze()
-    injection = QLORA.inject(minilm, QLORA.config(double_quant=double_quant))
+    injection = peftbench.apply(QLORA, minilm, QLORA.config(double_quant=double_quant))
     try:
         memory = injection.memory()
         weights = [layer.weight for layer in injection.quantized_layers]
@@ -81,8 +80,7 @@ def test_minilm_matches_transformers_bitsandbytes_loading(minilm, minilm_batch):
     theirs = transformers.AutoModelForSequenceClassification.from_pretrained(
         minilm.model.config._name_or_path, quantization_config=config, dtype=torch.float32,
         attn_implementation="sdpa").eval()
-    minilm.freeze()
-    injection = QLORA.inject(minilm, QLORA.config())
+    injection = peftbench.apply(QLORA, minilm, QLORA.config())
     try:
         out = hidden(minilm.model, minilm_batch)
         assert torch.equal(out, hidden(theirs, minilm_batch))
@@ -98,8 +96,7 @@ def test_close_to_fp32_head_untouched_and_remove_restores(arch):
     before = {k: v.clone() for k, v in backbone.model.state_dict().items()}
     modules = dict(backbone.model.named_modules())
     ref = hidden(backbone.model, batch)
-    backbone.freeze()
-    injection = QLORA.inject(backbone, QLORA.config(r=2, targets="all-linear"))
+    injection = peftbench.apply(QLORA, backbone, QLORA.config(r=2, targets="all-linear"))
     quantized = {id(m) for m in backbone.model.modules() if peftbench.quant.is_4bit(m)}
     assert len(quantized) == len(injection.quantized_layers) == len(
         {id(s.module) for n in backbone.spec.site_shapes for s in backbone.sites(n)})
@@ -135,7 +132,7 @@ def test_only_lora_trains_and_loss_falls(arch):
     labels = torch.tensor([0, 1, 1])
     backbone.freeze()
     cfg = QLORA.config(r=4)
-    injection = QLORA.inject(backbone, cfg)
+    injection = peftbench.apply(QLORA, backbone, cfg)
     assert backbone.count_trainable() == QLORA.param_count(cfg, backbone.spec) == peftbench.get_registry().method(
         "lora").param_count(cfg, backbone.spec)
     packed = [layer.weight.data.clone() for layer in injection.quantized_layers]
@@ -160,8 +157,7 @@ def test_only_lora_trains_and_loss_falls(arch):
 def test_merge_requantizes_and_unmerge_is_exact(arch):
     backbone = tiny_backbone(arch)
     batch = batch_for(backbone)
-    backbone.freeze()
-    injection = QLORA.inject(backbone, QLORA.config(r=2))
+    injection = peftbench.apply(QLORA, backbone, QLORA.config(r=2))
     with torch.no_grad():
         for p in injection.named_parameters().values():
             p.normal_(std=0.1)
@@ -180,9 +176,12 @@ def test_missing_bitsandbytes_is_a_clear_error(monkeypatch):
     message = r"method 'qlora' needs bitsandbytes: pip install bitsandbytes"
     with pytest.raises(peftbench.ConfigError, match=message):
         QLORA.check(QLORA.config(), backbone.spec)
-    backbone.freeze()
     with pytest.raises(peftbench.ConfigError, match=message):
-        QLORA.inject(backbone, QLORA.config())
+        peftbench.apply(QLORA, backbone, QLORA.config())  # refused by check, before inject
+    with pytest.raises(peftbench.ConfigError, match=r"^4-bit quantisation needs bitsandbytes: pip install"):
+        peftbench.quant.require_bitsandbytes()  # the public helpers name no method unless told one
+    with pytest.raises(peftbench.ConfigError, match=r"^method 'my4bit' needs bitsandbytes"):
+        peftbench.quant.quantize_linear(torch.nn.Linear(64, 64), method="my4bit")
     assert not any(isinstance(m, LoRALinear) for m in backbone.model.modules())
     assert QLORA.param_count(QLORA.config(r=2), backbone.spec) == 2 * 2 * (64 + 64)  # counting needs no bnb
 
@@ -190,7 +189,7 @@ def test_missing_bitsandbytes_is_a_clear_error(monkeypatch):
 def test_real_minilm_forward_backward(minilm, minilm_batch):
     minilm.freeze()
     cfg = QLORA.config(r=4)
-    injection = QLORA.inject(minilm, cfg)
+    injection = peftbench.apply(QLORA, minilm, cfg)
     try:
         assert minilm.count_trainable() == QLORA.param_count(cfg, minilm.spec) == 6 * 4 * 2 * (384 + 384)
         loss = minilm.model(**minilm_batch, labels=torch.tensor([1, 0])).loss

@@ -7,7 +7,9 @@ The core offers exactly three insertion mechanisms, each undoable:
 - ``kv_prefix(provider)``: per-layer key/value prefixes through the attention-function
   registry (prefix tuning, P-tuning v2); see ``peftbench.backbones.kv_prefix``.
 ``attach`` hangs a method's own module (its parameters) under a model module so that
-``model.parameters()``, ``.to(device)`` and the Trainer see it.
+``model.parameters()``, ``.to(device)`` and the Trainer see it. Injections are made by
+``peftbench.apply`` (never by calling ``inject`` directly), which records the counted
+``trainable_params``; ``costs()`` names a method's extra cost figures for the report.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from peftbench.contract.apply import apply
 from peftbench.contract.costs import Cost
 from peftbench.errors import ConfigError
 
@@ -44,6 +47,8 @@ class Injection:
         self._base_trainable: dict[str, nn.Parameter] = {}  # base params the method trains
         self.finalized = False
         self.removed = False
+        #: parameters requiring grad after injection (head excluded), counted by ``apply``
+        self.trainable_params: int | None = None
 
     # -- mechanisms ----------------------------------------------------------------------
     def attach(self, parent: nn.Module, name: str, module: nn.Module) -> nn.Module:
@@ -189,23 +194,28 @@ class Injection:
         return f"<Injection {self.method.name} params={n}>"
 
 
-def load_injection(backbone: "Backbone", directory: str | Path, registry=None) -> Injection:
-    """Inject the saved method onto ``backbone`` and load its weights (and head)."""
-    from peftbench.contract.registry import get_registry
+def load_injection(backbone: "Backbone", directory: str | Path, registry) -> Injection:
+    """Apply the saved method to ``backbone`` (through ``apply``) and load its weights (and head).
 
+    ``registry`` (``peftbench.get_registry()`` or any object with ``.method(name)``) finds
+    the saved method by name.
+    """
     directory = Path(directory)
     meta_path = directory / CONFIG_FILE
     if not meta_path.exists():
         raise ConfigError(f"{directory} holds no {CONFIG_FILE}: not a saved peftbench injection")
     meta = json.loads(meta_path.read_text())
-    method = (registry or get_registry()).method(meta["method"])
-    cfg = method.config(meta["config"])
-    injection = method.inject(backbone, cfg)
-    if meta.get("finalized"):
-        injection.finalize()
-    state = load_file(str(directory / WEIGHTS_FILE))
-    injection.load_state_dict(state)
-    head = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
-    if head:
-        backbone.load_head(head)
+    method = registry.method(meta["method"])
+    injection = apply(method, backbone, meta["config"])
+    try:
+        if meta.get("finalized"):
+            injection.finalize()
+        state = load_file(str(directory / WEIGHTS_FILE))
+        injection.load_state_dict(state)
+        head = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
+        if head:
+            backbone.load_head(head)
+    except BaseException:
+        injection.remove()  # weights that do not fit leave the backbone as it was
+        raise
     return injection

@@ -3,6 +3,9 @@
 A method has a name, a pydantic ``Config`` (extra fields forbidden), one integer ``knob``
 the budget solver turns, a closed-form ``param_count(cfg, spec)`` (pure arithmetic, no
 torch) and ``inject(backbone, cfg)`` which returns a removable, savable ``Injection``.
+``inject`` is the method's per-site work only: ``peftbench.apply`` validates the config,
+calls ``check``, freezes the backbone, calls ``inject`` and verifies the count.
+The class attributes below are what the core asks of a method; it never names one.
 """
 
 from __future__ import annotations
@@ -106,6 +109,10 @@ class Method:
 
     # -- building --------------------------------------------------------------------------
     def inject(self, backbone: "Backbone", cfg: MethodConfig) -> "Injection":
+        """The method's per-site work on a frozen backbone; ``cfg`` is validated and checked.
+
+        Call ``peftbench.apply(method, backbone, cfg)``, not this: it does the rest.
+        """
         raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:
