@@ -61,19 +61,20 @@ def test_base_params_exclude_the_head(arch):
 
 
 def test_packaged_minilm_and_smollm2():
-    minilm = peftbench.load_backbone("minilm")
+    registry = peftbench.get_registry()
+    minilm = peftbench.load_backbone("minilm", registry=registry)
     s = minilm.spec
     assert (s.model_type, s.layers, s.hidden, s.heads, s.kv_heads) == ("bert", 6, 384, 12, 12)
     assert s.base_params == 22_713_216 and s.head_params == 384 * 2 + 2
     assert len(minilm.sites("q")) == 6
-    smol = peftbench.load_backbone("smollm2")
+    smol = peftbench.load_backbone("smollm2", registry=registry)
     s = smol.spec
     assert (s.model_type, s.layers, s.hidden, s.heads, s.kv_heads, s.head_dim) == ("llama", 30, 576, 9, 3, 64)
     assert s.site_shapes["k"] == (576, 192) and s.site_shapes["v"] == (576, 192)
     assert s.is_decoder
-    lm = peftbench.load_backbone("smollm2", task="causal_lm")
+    lm = peftbench.load_backbone("smollm2", task="causal_lm", registry=registry)
     assert lm.spec.head_params == 0  # tied LM head: part of the frozen backbone
-    assert peftbench.spec_for("smollm2") == s
+    assert peftbench.spec_for("smollm2", registry=registry) == s
 
 
 def test_layout_path_matching_nothing_is_a_clear_error():
@@ -92,4 +93,32 @@ def test_missing_site_is_a_clear_error():
 
 def test_unknown_backbone_folder(tmp_path):
     with pytest.raises(peftbench.AssetError, match="no config.json"):
-        peftbench.load_backbone(str(tmp_path))
+        peftbench.load_backbone(str(tmp_path), registry=peftbench.get_registry())
+
+
+class Layouts:
+    """A registry as the backbone functions see it: anything with ``.layout_for(config)``."""
+
+    def __init__(self):
+        self.asked = []
+
+    def layout_for(self, config):
+        self.asked.append(config.model_type)
+        return peftbench.get_registry().layout_for(config)
+
+
+def test_backbone_functions_take_the_registry_they_use():
+    layouts = Layouts()
+    backbone = peftbench.from_config(tiny_config("llama"), registry=layouts)
+    assert layouts.asked == ["llama"] and backbone.spec == tiny_backbone("llama").spec
+    spec = peftbench.spec_for("minilm", registry=layouts)
+    assert layouts.asked == ["llama", "bert"]
+    assert peftbench.spec_for("minilm", registry=layouts) is spec and len(layouts.asked) == 2  # cached per registry
+    other = Layouts()
+    assert peftbench.spec_for("minilm", registry=other) == spec and other.asked == ["bert"]  # not another's answer
+    with pytest.raises(TypeError, match="registry"):
+        peftbench.from_config(tiny_config("bert"))
+    with pytest.raises(TypeError, match="registry"):
+        peftbench.spec_for("minilm")
+    with pytest.raises(TypeError, match="registry"):
+        peftbench.load_backbone("minilm")

@@ -2,7 +2,9 @@
 
 A method never sees module names: it asks the backbone for sites (``backbone.sites("q")``)
 and for dimensions (``backbone.spec``). The spec is plain data, so budget arithmetic needs
-no weights (``spec_for`` builds the model on the meta device).
+no weights (``spec_for`` builds the model on the meta device). The functions that build a
+backbone take the registry that knows the layouts (``registry=peftbench.get_registry()``,
+or anything with ``.layout_for(config)``); nothing here looks one up.
 """
 
 from __future__ import annotations
@@ -233,27 +235,24 @@ def _prepare_config(config, task: str, num_labels: int, pad_token_id: int | None
     return config
 
 
-def from_config(config, task: str = "classification", num_labels: int = 2, registry=None, name: str | None = None, seed: int = 0) -> Backbone:
+def from_config(config, task: str = "classification", num_labels: int = 2, *, registry, name: str | None = None,
+                seed: int = 0) -> Backbone:
     """A randomly initialised backbone from a transformers ``*Config`` (tests, benchmarks)."""
-    from peftbench.contract.registry import get_registry
-
-    reg = registry or get_registry()
     config = _prepare_config(config, task, num_labels, None)
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     model = _auto_class(task).from_config(config, attn_implementation="sdpa")
     model.eval()
-    return Backbone(model, reg.layout_for(config), name=name or f"tiny-{config.model_type}", task=task)
+    return Backbone(model, registry.layout_for(config), name=name or f"tiny-{config.model_type}", task=task)
 
 
-def load_backbone(name: str, task: str = "classification", num_labels: int = 2, registry=None, dtype=torch.float32, device: str | None = None) -> Backbone:
+def load_backbone(name: str, task: str = "classification", num_labels: int = 2, *, registry, dtype=torch.float32,
+                  device: str | None = None) -> Backbone:
     """Load ``minilm``, ``smollm2``, a local HF folder or a hub id with a task head."""
     import transformers
 
     from peftbench.backbones.assets import resolve_source
-    from peftbench.contract.registry import get_registry
 
-    reg = registry or get_registry()
     source = resolve_source(name)
     quiet_transformers()
     try:
@@ -263,7 +262,7 @@ def load_backbone(name: str, task: str = "classification", num_labels: int = 2, 
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     config = transformers.AutoConfig.from_pretrained(source)
-    layout = reg.layout_for(config)
+    layout = registry.layout_for(config)
     config = _prepare_config(config, task, num_labels, tokenizer.pad_token_id)
     model = _auto_class(task).from_pretrained(source, config=config, dtype=dtype, attn_implementation="sdpa")
     if device:
@@ -272,29 +271,29 @@ def load_backbone(name: str, task: str = "classification", num_labels: int = 2, 
     return Backbone(model, layout, name=name, tokenizer=tokenizer, task=task)
 
 
-_SPEC_CACHE: dict[tuple, BackboneSpec] = {}
+#: (name, task, num_labels, id(registry)) -> (registry, spec); the registry is kept so its id stays its own
+_SPEC_CACHE: dict[tuple, tuple[object, BackboneSpec]] = {}
 
 
-def spec_for(name: str, task: str = "classification", num_labels: int = 2, registry=None) -> BackboneSpec:
+def spec_for(name: str, task: str = "classification", num_labels: int = 2, *, registry) -> BackboneSpec:
     """The BackboneSpec of a named backbone without loading weights (meta device)."""
     import transformers
 
     from peftbench.backbones.assets import resolve_source
-    from peftbench.contract.registry import get_registry
 
-    key = (name, task, num_labels)
-    if key in _SPEC_CACHE:
-        return _SPEC_CACHE[key]
-    reg = registry or get_registry()
+    key = (name, task, num_labels, id(registry))
+    cached = _SPEC_CACHE.get(key)
+    if cached is not None and cached[0] is registry:
+        return cached[1]
     source = resolve_source(name)
     try:
         config = transformers.AutoConfig.from_pretrained(source)
     except Exception as exc:
         raise ConfigError(f"cannot load the config of backbone {name!r} ({source}): {type(exc).__name__}: {exc}") from exc
-    layout = reg.layout_for(config)
+    layout = registry.layout_for(config)
     config = _prepare_config(config, task, num_labels, None)
     with torch.device("meta"):
         model = _auto_class(task).from_config(config)
     spec = Backbone(model, layout, name=name, task=task).spec
-    _SPEC_CACHE[key] = spec
+    _SPEC_CACHE[key] = (registry, spec)
     return spec
