@@ -39,17 +39,17 @@ def load(name: str) -> peftbench.Backbone:
 
     _, _, task = BACKBONES[name]
     if name == "bert-base-shape":  # bert-base dimensions, random weights: no download
-        return peftbench.from_config(BertConfig(), task=task, name=name)
+        return peftbench.from_config(BertConfig(), task=task, name=name, registry=peftbench.get_registry())
     if name == "tiny-bert":
         config = BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                             intermediate_size=128, max_position_embeddings=128)
-        return peftbench.from_config(config, task=task, name=name)
+        return peftbench.from_config(config, task=task, name=name, registry=peftbench.get_registry())
     if name == "tiny-llama":
         config = LlamaConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                              num_key_value_heads=2, intermediate_size=128, max_position_embeddings=128,
                              bos_token_id=0, eos_token_id=0, pad_token_id=0)
-        return peftbench.from_config(config, task=task, name=name)
-    return peftbench.load_backbone(name, task=task)
+        return peftbench.from_config(config, task=task, name=name, registry=peftbench.get_registry())
+    return peftbench.load_backbone(name, task=task, registry=peftbench.get_registry())
 
 
 def make_batch(backbone: peftbench.Backbone, batch: int, length: int, seed: int = 0) -> dict:
@@ -170,8 +170,8 @@ def build(name: str, base: peftbench.Backbone, batch: dict, budget: str, registr
         return _peft(name, method, backbone, batch, budget, registry, (ours or {}).get(method))
     method = registry.method(name)
     cfg, desc = solved_config(method, backbone.spec, budget, batch["input_ids"].shape[1])
-    injection = method.inject(backbone, cfg)
-    trainable = backbone.count_trainable()
+    injection = peftbench.apply(method, backbone, cfg)
+    trainable = injection.trainable_params
     note, fraction = "", None
     if name == "qlora":
         mem = injection.memory()

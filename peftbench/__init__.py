@@ -40,6 +40,7 @@ def get_task(spec: str, registry=None, **options) -> Task:
 
 
 __all__ = [
+    "ReportContext", "Section", "apply", "measure", "Cost",
     "ArchLayout", "AssetError", "Backbone", "BackboneSpec", "Budget", "BudgetError", "ConfigError", "Cost",
     "Injection", "LINEAR_SITES", "LayoutError", "Method", "MethodConfig", "PeftbenchError", "PluginError",
     "SITE_NAMES", "Site", "Solution", "TASK_KINDS", "VerificationError", "apply", "from_config", "get_registry",
@@ -47,3 +48,13 @@ __all__ = [
     "measure", "parse_budget", "quant", "solve", "solve_or_raise", "spec_for",
     "Task", "get_task", "packaged_data",
 ]
+
+
+def __getattr__(name: str):
+    """``peftbench.Section`` and ``peftbench.ReportContext`` for report plugins, imported on first use
+    (the report's statistics need scipy, which the rest of the API does not)."""
+    if name in ("ReportContext", "Section"):
+        from peftbench.report import context
+
+        return getattr(context, name)
+    raise AttributeError(f"module 'peftbench' has no attribute {name!r}")

@@ -77,6 +77,8 @@ class Solution:
     verified: bool | None = None
     measured: int | None = None
     note: str = ""
+    #: parameters one knob step adds at the solved value (the budget's granularity); None without a budget
+    step: int | None = None
 
     @property
     def achieved(self) -> float:
@@ -139,8 +141,9 @@ def solve(method, cfg, spec, budget: Budget | str | None) -> Solution:
         f"({100 * c_lo / spec.base_params:.4g}%..{100 * c_hi / spec.base_params:.4g}%) "
         f"with {method.knob} in {lo}..{hi}; nearest feasible: {method.knob}={best} ({params:,} params)"
     )
+    step = count(best + 1) - params if best < hi else (params - count(best - 1) if best > lo else None)
     return Solution(method.name, method.knob, best, params, method.stored_count(best_cfg, spec), target,
-                    spec.base_params, reachable, c_lo, c_hi, lo, hi, note=note)
+                    spec.base_params, reachable, c_lo, c_hi, lo, hi, note=note, step=step)
 
 
 def solve_or_raise(method, cfg, spec, budget) -> Solution:

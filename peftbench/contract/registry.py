@@ -214,8 +214,3 @@ def get_registry(plugins_dir: str | Path | None = None, extra: list | None = Non
         _DEFAULT = build_registry(make_manager())
     return _DEFAULT
 
-
-def set_registry(reg: Registry | None) -> None:
-    """Make ``reg`` the default registry (the CLI does this after ``--plugins-dir``)."""
-    global _DEFAULT
-    _DEFAULT = reg

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from peftbench.backbones.backbone import spec_for
 from peftbench.budget import solve
+from peftbench.report.format import table
 from peftbench.errors import BudgetError, ConfigError
 from peftbench.results.records import TrialSpec
 from peftbench.running.config import SuiteConfig, default_methods
@@ -30,14 +31,6 @@ class Plan:
     trials: list[TrialSpec] = field(default_factory=list)  # runnable
     unreachable: list[TrialSpec] = field(default_factory=list)
     specs: dict = field(default_factory=dict)  # (task, backbone) -> BackboneSpec
-
-
-def _knob_step(method, cfg, spec, value: int, high: int | None) -> int | None:
-    """Parameters one knob step adds at the solved value (the budget's granularity)."""
-    if value is None or high is None:
-        return None
-    count = lambda k: method.param_count(method.with_knob(cfg, k), spec)  # noqa: E731
-    return count(value + 1) - count(value) if value < high else count(value) - count(value - 1) if value > 1 else None
 
 
 def learning_rate(method, entry_lr: float | None, suite_lrs: dict[str, float]) -> float:
@@ -97,7 +90,7 @@ def _trial(suite_name_: str, task_entry: TaskEntry, task, backbone: str, spec, m
         method_config=cfg.model_dump(mode="json"), budget=budget, seed=seed, lr=lr, training=training,
         primary_metric=task.primary_metric, direction=task.direction, knob=method.knob,
         knob_value=method.knob_value(cfg) if method.knob else None,
-        knob_step=_knob_step(method, cfg, spec, sol.value, sol.knob_high) if budget else None,
+        knob_step=sol.step,
         target_params=sol.target, trainable_params=sol.params, stored_params=sol.stored,
         head_params=spec.head_params, base_params=spec.base_params, reference=getattr(method, "reference", None),
         reachable=sol.reachable, note=sol.note,
@@ -171,12 +164,6 @@ def suite_name(suite: SuiteConfig, registry, all_methods: bool = False) -> str:
     return name
 
 
-def _table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
-    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
-
-
 def print_plan(plan: Plan, done: set[str] | None = None) -> None:
     done = done or set()
     for (task, backbone), spec in plan.specs.items():
@@ -194,8 +181,8 @@ def print_plan(plan: Plan, done: set[str] | None = None) -> None:
         rows.append([t.task.name, t.backbone, t.budget or "—", t.method, knob, f"{t.trainable_params:,}",
                      f"{t.achieved_pct:.3f}%", f"{t.lr:g}", status, 1])
         seen[key] = rows[-1]
-    print(_table(["task", "backbone", "budget", "method", "knob", "trainable", "achieved", "lr", "status", "seeds"],
-                 [[str(c) for c in row] for row in rows]))
+    print("\n".join(table(["task", "backbone", "budget", "method", "knob", "trainable", "achieved", "lr", "status",
+                           "seeds"], [[str(c) for c in row] for row in rows])))
     for t in plan.unreachable:
         if t.seed == plan.suite.seed_list()[0]:
             print(f"\n{t.method} at {t.budget}: {t.note}")
