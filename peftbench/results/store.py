@@ -131,10 +131,12 @@ class Store:
         self._conn.execute("PRAGMA busy_timeout = 60000")
         self._conn.execute("PRAGMA journal_mode = WAL")
         self._conn.execute("PRAGMA synchronous = FULL")  # a finished trial survives a power cut too
-        self._open_schema(registry)
+        if self._open_schema(registry):
+            self._conn.execute("VACUUM")  # the old table's pages go back: a migrated store is no larger than needed
 
     # -- schema --------------------------------------------------------------------------
-    def _open_schema(self, registry) -> None:
+    def _open_schema(self, registry) -> bool:
+        """Create or check the schema, migrating an older store; True when it migrated."""
         with self._write() as db:
             db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
             row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
@@ -154,9 +156,12 @@ class Store:
                 for record in rows:
                     self._insert(db, record)
                 db.execute(f"DROP TABLE {TABLE}_v1")
+                migrated = True
             else:
                 self._create(db)
+                migrated = False
             db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        return migrated
 
     @staticmethod
     def _create(db) -> None:
