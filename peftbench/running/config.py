@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from peftbench.budget import parse_budget
 from peftbench.contract.method import format_validation_error
@@ -121,6 +121,8 @@ class SuiteConfig(_Strict):
     ray: RayConfig = Field(default_factory=lambda: RayConfig())
     artifacts_dir: str | None = Field(None, description="trial artifacts: a folder or an fsspec URL (default: OUT/SUITE/trials)")
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+    #: set by ``plan.finish_suite`` once names are canonical and learning rates resolved (done once per suite)
+    _finished: bool = PrivateAttr(False)
 
     @field_validator("tasks", "methods", mode="before")
     @classmethod

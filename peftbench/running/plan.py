@@ -44,7 +44,8 @@ def learning_rate(method, entry_lr: float | None, suite_lrs: dict[str, float]) -
 
 def make_plan(suite: SuiteConfig, registry) -> Plan:
     """Every trial of the grid, budgets solved; raises before training on a budget nobody reaches."""
-    suite = finish_suite(suite.model_copy(deep=True), registry)
+    if not suite._finished:  # a suite from resolve_suite is finished already
+        suite = finish_suite(suite.model_copy(deep=True), registry)
     methods = []
     for i, entry in enumerate(suite.methods):
         method = registry.method(entry.name)
@@ -123,7 +124,9 @@ def declared_lrs(registry) -> dict[str, float]:
 
 def finish_suite(suite: SuiteConfig, registry, name: bool = True) -> SuiteConfig:
     """Methods as canonical entries (``adapter`` and ``houlsby`` are one suite), the learning rates
-    (each method's declared ``schedule_lr`` unless the suite sets one) and a suite name."""
+    (each method's declared ``schedule_lr`` unless the suite sets one) and a suite name; once."""
+    if suite._finished:
+        return suite
     all_methods = suite.methods is None
     suite.methods = suite.method_entries(registry)
     lrs = declared_lrs(registry)
@@ -135,6 +138,7 @@ def finish_suite(suite: SuiteConfig, registry, name: bool = True) -> SuiteConfig
     suite.training.lr = lrs
     if suite.suite is None and name:
         suite.suite = suite_name(suite, registry, all_methods)
+    suite._finished = name or suite.suite is not None
     return suite
 
 
