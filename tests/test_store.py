@@ -280,3 +280,18 @@ def test_schema_versions(tmp_path, registry):
         assert row.spec.lr == 5e-4 and row.spec.training.max_steps == 50 and row.spec.trial_id == spec.trial_id
         assert row.result.metrics == {"accuracy": 0.7} and row.result.costs["4-bit weights"].value == 5516208
         assert row.result.curves == [CurvePoint(step=5, loss=0.6)] and row.spec.knob_step is None
+
+
+def test_a_field_added_to_the_records_is_a_new_empty_column(tmp_path):
+    path = tmp_path / "results.sqlite"
+    with Store(path) as s:
+        s.start(trial(0))
+        s.finish(trial(0).trial_id, RESULT)
+    db = sqlite3.connect(path)  # a store written before TrialResult.pruned and TrialSpec.matched existed
+    db.execute("ALTER TABLE trials DROP COLUMN pruned")
+    db.execute("ALTER TABLE trials DROP COLUMN matched")
+    db.commit()
+    db.close()
+    with Store(path) as s:
+        row = s.get(trial(0).trial_id)
+        assert row.result.pruned is False and row.spec.matched is True and row.result.metrics == {"accuracy": 0.85}

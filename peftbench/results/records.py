@@ -94,7 +94,15 @@ class TrialSpec(_Frozen):
     base_params: int
     reference: str | None = Field(None, description="the method's reference-baseline role (ceiling, floor), if any")
     reachable: bool = True
-    note: str = Field("", description="the solver's note (why a budget is unreachable)")
+    pinned: bool = Field(False, description="the user fixed the method's size (its knob is not solved)")
+    matched: bool = Field(True, description="budget-matched: ranked with the others (unreachable or pinned "
+                                            "outside the tolerance: ranked apart)")
+    note: str = Field("", description="the solver's note (why a budget is unreachable, what it replaced)")
+    # -- search ------------------------------------------------------------------------------
+    search_index: int | None = Field(None, description="a search trial's number within its group's search")
+    search_params: dict[str, Any] = Field(default_factory=dict,
+                                          description="search: the sampled values; final: the selected ones")
+    search_space: dict[str, Any] = Field(default_factory=dict, description="the space searched, as declared")
 
     @field_validator("method_config")
     @classmethod
@@ -113,8 +121,13 @@ class TrialSpec(_Frozen):
             "lr": self.lr,
             "training": self.training.model_dump(mode="json"),
         }
-        if self.role != "final":  # final trials keep the ids earlier versions gave them
+        # only what differs from a plain final trial enters: final trials keep the ids earlier versions gave them
+        if self.role != "final":
             data["role"] = self.role
+        if self.search_index is not None:
+            data["search_index"] = self.search_index
+        if self.search_params:
+            data["search_params"] = self.search_params
         return data
 
     @property
@@ -163,6 +176,14 @@ class TrialResult(_Frozen):
     curves: list[CurvePoint] = Field(default_factory=list)
     environment: dict[str, Any] = Field(default_factory=dict)
     artifacts: str | None = None
+    # -- for the diagnostics -----------------------------------------------------------------
+    pruned: bool = Field(False, description="a search trial the pruner stopped early (its value: the best so far)")
+    stopped_early: bool | None = Field(None, description="patience ended training before the planned steps")
+    planned_steps: int | None = Field(None, description="the steps the schedule allowed (epochs or cap)")
+    last_eval_step: int | None = Field(None, description="the step of the last validation pass")
+    chance: dict[str, float] = Field(default_factory=dict,
+                                     description="test metrics of the majority-class prediction (final trials)")
+    splits: dict[str, str] = Field(default_factory=dict, description="where each split came from (carved or the task's)")
 
 
 class TrialRecord(_Frozen):

@@ -169,9 +169,8 @@ class Store:
                             for name, kind in COLUMNS.items())
         db.execute(f"CREATE TABLE IF NOT EXISTS {TABLE} ({columns})")
         present = {r[1] for r in db.execute(f"PRAGMA table_info({TABLE})")}
-        missing = sorted(set(COLUMNS) - present)
-        if missing:
-            raise StoreError(f"table {TABLE} lacks columns {missing} of schema version {SCHEMA_VERSION}")
+        for name in [c for c in COLUMNS if c not in present]:  # a field added since: a new column, empty (its default)
+            db.execute(f"ALTER TABLE {TABLE} ADD COLUMN {name} {COLUMNS[name].replace('JSON', 'TEXT')}")
         db.execute(f"CREATE INDEX IF NOT EXISTS {TABLE}_suite ON {TABLE} (suite)")
 
     @staticmethod
