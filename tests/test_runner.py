@@ -157,6 +157,11 @@ def test_run_writes_rows_artifacts_report_and_rerun_skips(env, tmp_path, capsys)
         assert r.steps == 3 and set(r.metrics) == {"accuracy", "macro_f1", "mcc"}
         assert 0 <= r.metrics["accuracy"] <= 1 and r.val_metrics["accuracy"] is not None
         assert r.best_step in (3,) and r.step_time_s > 0 and r.train_time_s > 0 and r.inference_overhead > 0
+        assert r.planned_steps == 3 and r.last_eval_step == 3 and r.stopped_early is False
+        # the CSV has no split column: validation and test were carved from train, and the result says so
+        assert "carved from train (10% of each label, split seed 0)" in r.splits["validation"]
+        assert r.splits["test"].startswith("read once, by this final trial: carved from train")
+        assert r.chance["accuracy"] == pytest.approx(0.5, abs=0.2) and r.chance["mcc"] == 0  # one class, always
         assert r.peak_mem_bytes > 10 * 2**20 and r.mem_kind == "rss"
         assert record.spec.head_params == 66 and record.spec.base_params == 28_608
         assert r.environment["versions"]["torch"] == __import__("torch").__version__
@@ -345,6 +350,7 @@ def test_early_stopping_stops_after_patience_and_keeps_the_best(env, registry):
     validated = [c for c in result.curves if c.val_metric is not None]
     assert [c.step for c in validated] == [1, 2, 3]
     assert result.val_metrics["accuracy"] == validated[0].val_metric and result.best_step == 1
+    assert result.stopped_early and result.planned_steps == 10 and result.last_eval_step == 3
 
 
 def test_search_trial_never_reads_test(env, registry):

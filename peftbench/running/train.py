@@ -46,6 +46,9 @@ class TrainOutcome:
     step_times: list[float]
     train_time_s: float
     log_history: list[dict] = field(default_factory=list)
+    planned_steps: int | None = None  # what the schedule allowed
+    stopped_early: bool = False  # patience ended training before that
+    last_eval_step: int | None = None
 
     @property
     def step_time_s(self) -> float | None:
@@ -138,6 +141,8 @@ class _Watch(TrainerCallback):
         self.best_metrics: dict = {}
         self.best_state: dict[str, torch.Tensor] | None = None
         self.bad = 0
+        self.stopped_early = False
+        self.last_eval_step: int | None = None
         self.step_times: list[float] = []
         self._t0 = 0.0
         self._cuda = device.type == "cuda"
@@ -172,6 +177,7 @@ class _Watch(TrainerCallback):
         value = (metrics or {}).get(self.key)
         if value is None or (isinstance(value, float) and math.isnan(value)):
             return
+        self.last_eval_step = state.global_step
         better = self.best is None or (value > self.best if self.higher else value < self.best)
         if better:
             self.best, self.best_step, self.bad = value, state.global_step, 0
@@ -182,6 +188,7 @@ class _Watch(TrainerCallback):
             self.bad += 1
             if self.patience and self.bad >= self.patience:
                 control.should_training_stop = True
+                self.stopped_early = state.global_step < state.max_steps
 
     def on_train_end(self, args, state, control, **kwargs):
         if self._bar is not None:
@@ -287,6 +294,9 @@ def train(backbone, data, task, cfg: TrainingSpec, *, lr: float, seed: int, devi
         step_times=watch.step_times,
         train_time_s=train_time,
         log_history=list(trainer.state.log_history),
+        planned_steps=trainer.state.max_steps,
+        stopped_early=watch.stopped_early,
+        last_eval_step=watch.last_eval_step,
     )
     return outcome, trainer, watch
 

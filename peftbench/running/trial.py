@@ -118,13 +118,14 @@ def run_trial(spec: TrialSpec, options: RunOptions, artifacts: str | None, regis
         exc.result = TrialResult(steps=exc.steps, curves=curves(exc.log_history, task.primary_metric),
                                  environment={**environment(device), **_ranks()})
         raise
-    test_metrics = {}
+    test_metrics, chance = {}, {}
     if spec.role == "final":  # selection never sees test: a search trial stops at validation
         if generation_eval is not None:
             test_metrics = generation_eval(data["test"])
         else:
             out = trainer.predict(data["test"], metric_key_prefix="test")
             test_metrics = compute_metrics(task, out.predictions, out.label_ids)
+            chance = majority_scores(task, data["train"]["labels"], out.label_ids)
     injection.finalize()
     stored_bytes = _save(injection, backbone, folder / "adapter" if folder and options.save_weights else None)
     peak_bytes, mem_kind = peak.stop()
@@ -141,7 +142,23 @@ def run_trial(spec: TrialSpec, options: RunOptions, artifacts: str | None, regis
         train_time_s=outcome.train_time_s, steps=outcome.steps, curves=trial_curves,
         environment={**environment(device), "precision": precision, **_ranks()},
         artifacts=str(folder) if folder is not None else None,
+        stopped_early=outcome.stopped_early, planned_steps=outcome.planned_steps,
+        last_eval_step=outcome.last_eval_step, chance=chance,
+        splits={"validation": f"selects checkpoints{' and search values' if spec.role == 'search' else ''}: "
+                              f"{task.origins.get('validation', '')}",
+                **({"test": f"read once, by this final trial: {task.origins.get('test', '')}"}
+                   if spec.role == "final" else {})},
     )
+
+
+def majority_scores(task, train_labels, test_labels) -> dict[str, float]:
+    """The test metrics of always predicting train's most frequent class (the chance floor)."""
+    import numpy as np
+    from peftbench.tasks.metrics import compute_metrics
+
+    labels = np.asarray(test_labels)
+    majority = int(np.bincount(np.asarray(train_labels)).argmax())
+    return compute_metrics(task, np.full_like(labels, majority), labels)
 
 
 def _inference_overhead(name, task, backbone, injection, latency_data, seed, device, registry) -> float:

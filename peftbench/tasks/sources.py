@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 
 from peftbench.errors import AssetError, ConfigError
-from peftbench.tasks.task import SPLITS, Task, column, quiet_datasets
+from peftbench.tasks.task import CARVED, SPLITS, Task, column, quiet_datasets
 
 EVAL_FRACTION = 0.1
 VALIDATION_ALIASES = ("validation", "valid", "dev", "val")
@@ -67,7 +67,11 @@ def carve(ds, names: tuple[str, ...], label_column: str | None, seed: int) -> di
             picked[name] += members[k * n:(k + 1) * n]
         picked["train"] += members[len(names) * n:]
     with quiet_datasets():
-        return {name: ds.select(sorted(idx)).flatten_indices() for name, idx in picked.items()}
+        parts = {name: ds.select(sorted(idx)).flatten_indices() for name, idx in picked.items()}
+    for name in names:  # the split says where it came from (the report names which split selected what)
+        parts[name].info.description = (f"{CARVED} ({EVAL_FRACTION:.0%} of each "
+                                        f"{'label' if label_column else 'row set'}, split seed {seed})")
+    return parts
 
 
 # -- options shared by file: and hub: ------------------------------------------------------

@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 
 KINDS = ("classification", "generation")
 SPLITS = ("train", "validation", "test")
+#: how a split carved from train describes itself (``sources.carve``)
+CARVED = "carved from train"
 REFERENCES = "references"
 
 
@@ -54,6 +56,8 @@ class Task:
     direction: str = ""
     description: str = ""
     _full: Any = field(default=None, init=False, repr=False, compare=False)
+    #: where each split came from: the task's own, or carved from train (set at the first load)
+    origins: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         from peftbench.tasks.metrics import DEFAULTS, METRICS
@@ -99,6 +103,9 @@ class Task:
 
         if self._full is None:
             self._full = prepare(self, self.builder())
+            self.origins = {split: (self._full[split].info.description or "") if (self._full[split].info.description
+                                                                                 or "").startswith(CARVED)
+                            else f"the task's own {split} split" for split in SPLITS}
         return datasets.DatasetDict({
             "train": _limit(self, "train", self._full["train"], limit_train, seed),
             "validation": _limit(self, "validation", self._full["validation"], limit_eval, seed),
