@@ -156,3 +156,18 @@ def test_precision_needs_cuda_and_device_names_are_checked():
             resolve_device("cuda:0")
     with pytest.raises(ConfigError, match=r"field 'training.device'.*cuda:N"):
         build_suite(overrides={"training": {"device": "gpu"}})
+
+
+def test_preset_and_step_cap(registry):
+    from peftbench.results.records import TrainingSpec
+    from peftbench.running.train import plan_steps
+
+    cfg = resolve_suite(args("--preset", "converged", "--eval-every", "20"), registry)
+    assert (cfg.training.epochs, cfg.training.step_cap, cfg.training.patience) == (20, 3000, 5)
+    assert cfg.training.eval_every == 20  # a flag beats the preset
+    assert cfg.hash() != resolve_suite(args(), registry).hash()
+    with pytest.raises(ConfigError, match="'fast' is not a schedule preset; allowed: converged"):
+        resolve_suite(args("--preset", "fast"), registry)
+    assert plan_steps(800, TrainingSpec(epochs=20, step_cap=300)) == 300  # 20 epochs of 50 steps, capped
+    assert plan_steps(800, TrainingSpec(epochs=2, step_cap=300)) == 100  # the cap does not lengthen
+    assert plan_steps(800, TrainingSpec(max_steps=7, step_cap=3)) == 7  # max_steps is exact

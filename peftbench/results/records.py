@@ -45,11 +45,17 @@ def canonical_json(data: Any) -> str:
     return json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
 
 
+#: training fields added after trials were first stored: left out of an id while unset, so the
+#: trials stored before them keep their ids
+ADDED_TRAINING_FIELDS = ("step_cap",)
+
+
 class TrainingSpec(_Frozen):
     """How a trial trains: every setting that can change its numbers (the learning rate is on the spec)."""
 
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
+    step_cap: int | None = Field(None, ge=1, description="at most this many optimizer steps, however many epochs")
     batch_size: int = Field(16, ge=1)
     eval_batch_size: int = Field(64, ge=1)
     grad_accum: int = Field(1, ge=1)
@@ -111,6 +117,10 @@ class TrialSpec(_Frozen):
 
     def identity(self) -> dict:
         """What the trial computes: the same dict gives the same id (run options never enter it)."""
+        training = self.training.model_dump(mode="json")
+        for name in ADDED_TRAINING_FIELDS:  # fields added later enter the id only when set
+            if training.get(name) is None:
+                training.pop(name, None)
         data = {
             "task": self.task.model_dump(mode="json"),
             "backbone": self.backbone,
@@ -119,7 +129,7 @@ class TrialSpec(_Frozen):
             "budget": self.budget,
             "seed": self.seed,
             "lr": self.lr,
-            "training": self.training.model_dump(mode="json"),
+            "training": training,
         }
         # only what differs from a plain final trial enters: final trials keep the ids earlier versions gave them
         if self.role != "final":

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from peftbench.budget import parse_budget
 from peftbench.contract.method import format_validation_error
 from peftbench.errors import BudgetError, ConfigError
-from peftbench.results.records import REFERENCE_ROLES, TrainingSpec, canonical_json
+from peftbench.results.records import ADDED_TRAINING_FIELDS, REFERENCE_ROLES, TrainingSpec, canonical_json
 from peftbench.tasks.entry import TaskEntry
 
 DEFAULT_TASK = "movie_sentiment"
@@ -120,6 +120,7 @@ class SuiteConfig(_Strict):
     executor: Literal["local", "ray"] = Field("local", description="where trials run: local (in this process) or ray")
     ray: RayConfig = Field(default_factory=lambda: RayConfig())
     artifacts_dir: str | None = Field(None, description="trial artifacts: a folder or an fsspec URL (default: OUT/SUITE/trials)")
+    preset: str | None = Field(None, description="a named schedule the training section starts from (converged)")
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     #: set by ``plan.finish_suite`` once names are canonical and learning rates resolved (done once per suite)
     _finished: bool = PrivateAttr(False)
@@ -195,12 +196,20 @@ class SuiteConfig(_Strict):
         data = self.model_dump(mode="json", exclude=set(SUITE_RUN_ONLY))
         for key in RUN_ONLY:
             data["training"].pop(key, None)
+        for key in ADDED_SUITE_FIELDS:  # added later: in the identity only when set, so older suites keep theirs
+            if data.get(key) is None:
+                data.pop(key, None)
+        for key in ADDED_TRAINING_FIELDS:
+            if data["training"].get(key) is None:
+                data["training"].pop(key, None)
         return data
 
     def hash(self) -> str:
         return hashlib.sha256(canonical_json(self.identity()).encode()).hexdigest()[:16]
 
 
+#: suite fields added after suites were first stored (identity only when set)
+ADDED_SUITE_FIELDS = ("preset",)
 #: suite fields that say where and how the grid runs, not what it computes (left out of the hash)
 SUITE_RUN_ONLY = ("suite", "out", "executor", "ray", "artifacts_dir")
 
@@ -257,8 +266,21 @@ def build_suite(config_path: str | Path | None = None, overrides: dict | None = 
     return validate_suite(merge(data, overrides or {}), config_path)
 
 
+#: named schedules: training settings a suite starts from (``preset: converged``), its own win
+PRESETS: dict[str, dict] = {
+    # long enough that the methods converge on the packaged tasks (validation stops improving), with
+    # early stopping on validation and a cap: evaluation every 50 steps, stop after 5 passes without gain
+    "converged": {"epochs": 20, "step_cap": 3000, "eval_every": 50, "patience": 5},
+}
+
+
 def validate_suite(data: dict, source: str | Path | None = None) -> SuiteConfig:
     """A SuiteConfig from merged data; errors name the field path (and the file)."""
+    preset = data.get("preset")
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"field 'preset': {preset!r} is not a schedule preset; allowed: {', '.join(PRESETS)}")
+        data = merge({"training": PRESETS[preset]}, data)
     try:
         return SuiteConfig(**data)
     except ValidationError as exc:

@@ -99,6 +99,10 @@ FLAGS: tuple[Flag, ...] = (
                                                                                             "metavar": "N"}),
     Flag("text_column", "grid", "file:/hub: tasks: the text column(s)", kind="list", options={"metavar": "COL"}),
     Flag("label_column", "grid", "file:/hub: tasks: the label (or target) column", options={"metavar": "COL"}),
+    Flag("preset", "training", "a named schedule: converged (20 epochs, early stopping on validation, capped at "
+         "3,000 steps); flags and the suite's training section win over it", "preset", options={"metavar": "NAME"}),
+    Flag("step_cap", "training", "at most N optimizer steps per trial, however many epochs", "training.step_cap",
+         options={"type": int, "metavar": "N"}),
     Flag("epochs", "training", "passes over the (limited) training split (default: 1)", "training.epochs",
          options={"type": float, "metavar": "N"}),
     Flag("max_steps", "training", "optimizer steps per trial (overrides --epochs)", "training.max_steps",

@@ -90,11 +90,13 @@ def collator(tokenizer, kind: str, model=None):
 
 
 def plan_steps(train_size: int, cfg: TrainingSpec) -> int:
-    """Optimizer steps the trial will take (before early stopping)."""
+    """Optimizer steps the trial will take (before early stopping): ``max_steps`` exactly, else the
+    epochs' steps, at most ``step_cap``."""
     if cfg.max_steps:
         return cfg.max_steps
     per_epoch = max(1, math.ceil(train_size / (cfg.batch_size * cfg.grad_accum)))
-    return max(1, math.ceil(per_epoch * cfg.epochs))
+    steps = max(1, math.ceil(per_epoch * cfg.epochs))
+    return min(steps, cfg.step_cap) if cfg.step_cap else steps
 
 
 class _Trainer(Trainer):
@@ -225,7 +227,7 @@ def training_arguments(cfg: TrainingSpec, lr: float, seed: int, total_steps: int
         per_device_eval_batch_size=cfg.eval_batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
         num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps or -1,
+        max_steps=cfg.max_steps or (total_steps if cfg.step_cap else -1),
         learning_rate=lr,
         lr_scheduler_type="linear",
         warmup_steps=int(cfg.warmup_ratio * total_steps),
