@@ -9,7 +9,7 @@ reported in its own column). Nothing here builds a model: counting by instantiat
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from peftbench.errors import BudgetError
 
@@ -79,6 +79,8 @@ class Solution:
     note: str = ""
     #: parameters one knob step adds at the solved value (the budget's granularity); None without a budget
     step: int | None = None
+    #: config values the solver chose besides the knob (a secondary width), to apply with it
+    updates: dict = field(default_factory=dict)
 
     @property
     def achieved(self) -> float:
@@ -97,13 +99,34 @@ class Solution:
         return d
 
 
-def solve(method, cfg, spec, budget: Budget | str | None) -> Solution:
+def solve(method, cfg, spec, budget: Budget | str | None, fixed: frozenset[str] | set[str] = frozenset()) -> Solution:
     """The knob whose param_count is closest to the budget's target (binary search).
 
-    ``param_count`` must be non-decreasing in the knob. An unreachable budget gives a
-    ``Solution`` with ``reachable=False`` and the feasible range; callers decide whether
-    that is an error (``solve_or_raise``).
+    ``param_count`` must be non-decreasing in the knob. When the knob alone cannot reach the
+    budget and the method declares a ``secondary`` width that the user did not set (not in
+    ``fixed``), the solver takes the largest of ``method.secondary_values`` with which the
+    budget is reached with the knob at no less than its default (the choice is in
+    ``Solution.updates`` and its note). An unreachable budget gives
+    a ``Solution`` with ``reachable=False``, the feasible range and the nearest feasible knob;
+    callers decide whether that is an error (``solve_or_raise``).
     """
+    sol = _solve_knob(method, cfg, spec, budget)
+    name = getattr(method, "secondary", None)
+    if sol.reachable or not name or name in fixed or budget is None:
+        return sol
+    floor = method.knob_value(method.config(cfg))  # the knob's default: the prefix must not shrink below it
+    for value in method.secondary_values(method.config(cfg), spec):
+        found = _solve_knob(method, method.config(cfg, **{name: value}), spec, budget)
+        if found.reachable and found.value >= floor:
+            found.updates = {name: value}
+            found.note = (f"{name}={value} chosen by the solver: the largest {name} with which the budget is reached "
+                          f"at {method.knob} >= {floor} (its default); at the default {name} "
+                          f"{sol.note.removeprefix('not reachable: ')}")
+            return found
+    return sol
+
+
+def _solve_knob(method, cfg, spec, budget: Budget | str | None) -> Solution:
     cfg = method.config(cfg)
     if not method.budgeted or method.knob is None or budget is None:
         params = method.param_count(cfg, spec)

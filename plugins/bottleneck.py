@@ -269,6 +269,8 @@ class HoulsbyConfig(BottleneckConfig):
 
 class _BottleneckMethod(peftbench.Method):
     knob = "m"
+    #: ``reduction_factor`` fixes m (= d // reduction_factor) as ``m`` does: setting either pins the size
+    size_fields = ("reduction_factor",)
     default_lr = 1e-3
     Config = BottleneckConfig
     #: the sites that get an adapter on their output, in every adapted layer

@@ -132,6 +132,14 @@ class Prefix(peftbench.Method):
         hidden: int | None = Field(None, ge=1, description="MLP width b; default min(512, hidden size)")
         reparameterize: bool = True
 
+    #: the reparameterisation MLP's width b: at a small budget the solver narrows it (the MLP is
+    #: d·b + b·2·L·kv_dim parameters, 8.5% of MiniLM at b = 384) so that the prefix length n fits
+    secondary = "hidden"
+
+    def secondary_values(self, cfg, spec):
+        # every width below the default, largest first (the solver keeps the first that fits)
+        return list(range(min(512, spec.hidden) - 1, 0, -1)) if cfg.reparameterize else []
+
     def mlp_width(self, cfg, spec: peftbench.BackboneSpec) -> int | None:
         if not cfg.reparameterize:
             return None

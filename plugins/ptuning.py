@@ -84,6 +84,14 @@ class PTuning(peftbench.Method):
         encoder: Literal["mlp", "lstm"] = "mlp"
         hidden: int | None = Field(None, ge=1, description="encoder width h; default the hidden size d")
 
+    #: the prompt encoder's width h: at a small budget the solver narrows it (the MLP encoder is
+    #: about 2·d·h + h² parameters, 1.95% of MiniLM at h = d) so that the n virtual tokens fit
+    secondary = "hidden"
+
+    def secondary_values(self, cfg, spec):
+        # every width below the default, largest first (the solver keeps the first that fits)
+        return list(range(spec.hidden - 1, 0, -1))
+
     def width(self, cfg, spec) -> int:
         return cfg.hidden if cfg.hidden is not None else spec.hidden
 

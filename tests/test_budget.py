@@ -126,3 +126,21 @@ def test_builtin_counts_are_monotone_and_solved_within_granularity(name):
             k = sol.value
             neighbours = [method.param_count(method.with_knob(cfg, j), spec) for j in (k - 1, k + 1) if lo <= j <= hi]
             assert all(abs(sol.params - sol.target) <= abs(c - sol.target) for c in neighbours)
+
+
+@pytest.mark.parametrize("name, secondary, floor", [("prefix", 43, 10), ("ptuning", 221, 20)])
+def test_the_solver_narrows_a_secondary_width_the_user_left_unset(registry, name, secondary, floor):
+    """Prefix tuning's MLP (8.5% of MiniLM) and P-tuning's encoder (1.95%) cannot fit 1% at their default
+    widths: the solver takes the largest width with which the knob reaches the budget at >= its default."""
+    spec = peftbench.spec_for("minilm", registry=registry)
+    method = registry.method(name)
+    cfg = method.config()
+    sol = peftbench.solve(method, cfg, spec, "1%")
+    assert sol.reachable and sol.updates == {"hidden": secondary} and sol.value >= floor
+    assert abs(sol.params - sol.target) <= sol.step and "chosen by the solver" in sol.note
+    assert sol.params == method.param_count(method.with_knob(method.config(cfg, **sol.updates), sol.value), spec)
+    wider = peftbench.solve(method, method.config(cfg, hidden=secondary + 1), spec, "1%")
+    assert not wider.reachable or wider.value < floor  # the next width up would not do
+    pinned = peftbench.solve(method, method.config(hidden=200), spec, "1%", fixed={"hidden"})
+    assert pinned.updates == {} and ("hidden=200" not in pinned.note)  # a width the user set is never replaced
+    assert not peftbench.solve(registry.method("prompt"), registry.method("prompt").config(), spec, "1%").reachable

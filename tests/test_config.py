@@ -130,15 +130,15 @@ def test_example_suite_with_include_resolves(registry):
     assert [m.name for m in cfg.methods] == ["full", "head", "houlsby", "lora", "prefix"]
 
 
-def test_knob_in_method_config_is_refused(registry, tmp_path):
+def test_knob_in_method_config_pins_the_size(registry, tmp_path):
     from run_helpers import make_sentiment_csv
 
     csv = make_sentiment_csv(tmp_path / "d.csv", rows=40)
     suite = SuiteConfig(tasks=[{"name": f"file:{csv}", "text_columns": ["review"], "label_column": "sentiment"}],
                         backbones=["minilm"], methods=[{"name": "lora", "config": {"r": 8}}], budgets=["1%"])
-    with pytest.raises(ConfigError, match=r"methods\.0\.config\.r.*size knob"):
-        make_plan(suite, registry)
-
+    (trial,) = make_plan(suite, registry).trials[:1]
+    assert trial.pinned and trial.method_config["r"] == 8 and trial.knob_value == 8  # the user's size, kept
+    assert not trial.matched and trial.target_params == 227_132 and "-67.5%" in trial.note  # 73,728 vs 227,132
 
 
 def test_precision_needs_cuda_and_device_names_are_checked():

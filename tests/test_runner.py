@@ -113,16 +113,38 @@ def test_grid_expands_solves_and_ids_are_stable(env, registry):
     assert all(t.lr == 0.1 for t in other_lr.trials if t.method == "lora")
 
 
-def test_unreachable_budget_is_a_row_and_a_budget_nobody_reaches_an_error(env, registry):
+def test_an_unreachable_budget_trains_at_the_nearest_size_and_a_budget_nobody_reaches_is_an_error(env, registry):
     # on the tiny BERT, lora spans 0.9%..28.6% and houlsby 2.3%..30.4% of the parameters
     plan = make_plan(resolve_suite(parse(base_args(env, env["root"], "--methods", "lora,houlsby", "--budget", "1%")),
                                    registry), registry)
-    assert [t.method for t in plan.trials] == ["lora"]
-    assert [t.method for t in plan.unreachable] == ["houlsby"] and not plan.unreachable[0].reachable
-    assert "not reachable" in plan.unreachable[0].note and "m in 1.." in plan.unreachable[0].note
+    by = {t.method: t for t in plan.trials}
+    assert set(by) == {"lora", "houlsby"} and not plan.unreachable
+    assert by["lora"].matched and by["lora"].reachable
+    houlsby = by["houlsby"]  # trained at its nearest feasible size (m=1), flagged and ranked apart
+    assert not houlsby.matched and not houlsby.reachable and houlsby.knob_value == 1
+    assert houlsby.trainable_params == registry.method("houlsby").param_count(
+        registry.method("houlsby").config(houlsby.method_config), next(iter(plan.specs.values())))
+    assert "not reachable" in houlsby.note and "m in 1.." in houlsby.note and "nearest feasible: m=1" in houlsby.note
     with pytest.raises(BudgetError, match=r"budget 50%.*none of the selected methods.*lora.*houlsby"):
         make_plan(resolve_suite(parse(base_args(env, env["root"], "--methods", "lora,houlsby,head", "--budget", "50%")),
                                 registry), registry)
+
+
+def test_a_pinned_size_runs_as_written_and_is_flagged(env, registry, tmp_path, capsys):
+    suite = tmp_path / "pinned.yaml"
+    suite.write_text(f"include: {env['suite']}\nmethods:\n  - {{name: houlsby, config: {{reduction_factor: 2}}}}\n"
+                     "  - {name: lora, config: {r: 6}}\n  - pfeiffer\n")
+    plan = make_plan(resolve_suite(parse([*base_args(env, tmp_path, "--budget", "5%"), "--config", str(suite)]),
+                                   registry), registry)
+    by = {t.method: t for t in plan.trials}
+    assert by["houlsby"].pinned and by["houlsby"].method_config["reduction_factor"] == 2  # not replaced by the solver
+    assert not by["houlsby"].matched and "outside the ±10% tolerance" in by["houlsby"].note
+    assert "reduction_factor=2" in by["houlsby"].note
+    assert by["lora"].pinned and by["lora"].matched and "within the ±10% tolerance" in by["lora"].note  # r=6 is 5%
+    assert not by["pfeiffer"].pinned and by["pfeiffer"].matched
+    assert len(plan.warnings) == 2 and all("pinned by the user" in w for w in plan.warnings)
+    assert run([*base_args(env, tmp_path / "out", "--budget", "5%"), "--config", str(suite), "--dry-run"]) == 0
+    assert "peftbench: note: houlsby at 5%: size pinned by the user" in capsys.readouterr().err
 
 
 def test_dry_run_prints_the_grid_and_writes_nothing(env, tmp_path, capsys):
@@ -131,8 +153,8 @@ def test_dry_run_prints_the_grid_and_writes_nothing(env, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "28,608 parameters without the task head" in text
     assert "| lora " in text and "r=6" in text  # 5% of 28,608 -> r=6 (1,536 params)
-    assert "unreachable" in text and "houlsby at 1%" in text
-    assert "4 trials (0 already done, 4 to run), 1 unreachable" in text
+    assert "nearest size" in text and "houlsby at 1%: not reachable" in text
+    assert "5 trials (0 already done, 5 to run), 1 not budget-matched" in text
     assert not out.exists()
 
 

@@ -62,6 +62,13 @@ class Method:
     reference: ClassVar[str | None] = None
     #: a method the budget does not apply to (full fine-tuning, the head alone) says so here
     budgeted: ClassVar[bool] = True
+    #: config fields that fix the method's size: a user who sets one pins the size (the solver
+    #: then leaves it, and the trial is reported with its achieved budget); default: the knob alone
+    size_fields: ClassVar[tuple[str, ...]] = ()
+    #: a secondary width (prefix tuning's MLP, P-tuning's encoder) the solver may choose together
+    #: with the knob when the knob alone cannot reach a budget; ``secondary_values`` lists its
+    #: candidates, largest first. None: the method has none
+    secondary: ClassVar[str | None] = None
 
     # -- configs ---------------------------------------------------------------------------
     def config(self, values: dict[str, Any] | MethodConfig | None = None, **overrides) -> MethodConfig:
@@ -94,6 +101,15 @@ class Method:
     def stored_count(self, cfg: MethodConfig, spec: "BackboneSpec") -> int:
         """Parameters kept after training (prefix tuning drops its MLP). Default: param_count."""
         return self.param_count(cfg, spec)
+
+    def pinned_fields(self, values: dict[str, Any]) -> list[str]:
+        """The size fields a user's config ``values`` sets (the knob and ``size_fields``)."""
+        fields = (*([self.knob] if self.knob else []), *self.size_fields)
+        return [f for f in dict.fromkeys(fields) if values.get(f) is not None]
+
+    def secondary_values(self, cfg: MethodConfig, spec: "BackboneSpec") -> list[int]:
+        """Candidates for ``secondary``, largest first (the solver takes the largest that reaches)."""
+        return []
 
     def check(self, cfg: MethodConfig, spec: "BackboneSpec") -> None:
         """Raise ConfigError when ``cfg`` cannot be built on ``spec`` (knob out of range ...)."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from peftbench.backbones.backbone import spec_for
-from peftbench.budget import solve
+from peftbench.budget import parse_budget, solve
 from peftbench.report.format import table
 from peftbench.errors import BudgetError, ConfigError
 from peftbench.results.records import TrialSpec
@@ -28,8 +28,9 @@ from peftbench.tasks.entry import TaskEntry
 class Plan:
     suite: SuiteConfig
     name: str
-    trials: list[TrialSpec] = field(default_factory=list)  # runnable
-    unreachable: list[TrialSpec] = field(default_factory=list)
+    trials: list[TrialSpec] = field(default_factory=list)  # every trial (unmatched ones at their nearest size)
+    unreachable: list[TrialSpec] = field(default_factory=list)  # recorded, never run (none today)
+    warnings: list[str] = field(default_factory=list)  # what the user should know before training (pinned sizes)
     specs: dict = field(default_factory=dict)  # (task, backbone) -> BackboneSpec
 
 
@@ -47,12 +48,11 @@ def make_plan(suite: SuiteConfig, registry) -> Plan:
     if not suite._finished:  # a suite from resolve_suite is finished already
         suite = finish_suite(suite.model_copy(deep=True), registry)
     methods = []
-    for i, entry in enumerate(suite.methods):
+    for entry in suite.methods:
         method = registry.method(entry.name)
-        if method.budgeted and method.knob and method.knob in entry.config:
-            raise ConfigError(f"field 'methods.{i}.config.{method.knob}': {method.knob!r} is {method.name}'s size knob, "
-                              "set by the budget solver from the budgets; remove it (or choose the size with a budget)")
-        methods.append((method, method.config(entry.config), learning_rate(method, entry.lr, suite.training.lr)))
+        cfg = method.config(entry.config)
+        methods.append(Planned(method, cfg, learning_rate(method, entry.lr, suite.training.lr),
+                               frozenset(entry.config), method.pinned_fields(entry.config) if method.budgeted else []))
     training = suite.training.spec()
     plan = Plan(suite=suite, name=suite.suite)
     for task_entry in suite.tasks:
@@ -63,29 +63,68 @@ def make_plan(suite: SuiteConfig, registry) -> Plan:
             plan.specs[(task_entry.name, backbone)] = spec
             solved = _solve_all(methods, spec, suite.budgets, backbone)
             for seed in suite.seed_list():
-                for method, cfg, lr, budget, sol in solved:
-                    trial = _trial(plan.name, task_entry, task, backbone, spec, method, cfg, lr, budget, sol, seed,
-                                   training)
-                    (plan.trials if sol.reachable else plan.unreachable).append(trial)
+                for p, budget, sol in solved:
+                    plan.trials.append(_trial(plan.name, task_entry, task, backbone, spec, p.method, p.cfg, p.lr,
+                                              budget, sol, seed, training, pinned=bool(p.pinned)))
+            plan.warnings += [f"{p.method.name} at {budget}: {sol.note}" for p, budget, sol in solved
+                              if p.pinned and budget]
     return plan
 
 
-def _solve_all(methods, spec, budgets: list[str], backbone: str) -> list[tuple]:
-    """[(method, cfg, lr, budget or None, Solution)]: baselines once, budgeted methods per budget."""
-    out = [(m, cfg, lr, None, solve(m, cfg, spec, None)) for m, cfg, lr in methods if not m.budgeted or m.knob is None]
+@dataclass(frozen=True)
+class Planned:
+    """A method of the suite as the planner uses it: config, learning rate, what the user set."""
+
+    method: object
+    cfg: object
+    lr: float
+    given: frozenset  # config fields the user wrote
+    pinned: list  # size fields among them: the size is the user's, not the solver's
+
+
+def _solve_all(methods: list[Planned], spec, budgets: list[str], backbone: str) -> list[tuple]:
+    """[(Planned, budget or None, Solution)]: baselines once, budgeted methods per budget.
+
+    A budget no method reaches is an error; a method that cannot reach one is trained at its
+    nearest feasible size (not matched); a pinned method at its own size (matched within
+    ``PIN_TOLERANCE`` of the target).
+    """
+    out = [(p, None, solve(p.method, p.cfg, spec, None)) for p in methods
+           if not p.method.budgeted or p.method.knob is None]
     for budget in budgets:
-        row = [(m, cfg, lr, budget, solve(m, cfg, spec, budget)) for m, cfg, lr in methods if m.budgeted and m.knob]
-        if row and not any(sol.reachable for *_, sol in row):
-            notes = "; ".join(f"{m.name}: {sol.note}" for m, *_, sol in row)
-            raise BudgetError(f"budget {budget} ({row[0][-1].target:,} params of {spec.base_params:,} in {backbone}) "
+        row = [(p, budget, _pinned(p, spec, budget) if p.pinned else solve(p.method, p.cfg, spec, budget, p.given))
+               for p in methods if p.method.budgeted and p.method.knob]
+        solved = [sol for p, _, sol in row if not p.pinned]
+        if solved and not any(sol.reachable for sol in solved):
+            notes = "; ".join(f"{p.method.name}: {sol.note}" for p, _, sol in row if not p.pinned)
+            raise BudgetError(f"budget {budget} ({solved[0].target:,} params of {spec.base_params:,} in {backbone}) "
                               f"is reachable by none of the selected methods: {notes}")
         out += row
     return out
 
 
+#: a pinned size within this fraction of the budget's target counts as budget-matched
+PIN_TOLERANCE = 0.10
+
+
+def _pinned(p: Planned, spec, budget: str):
+    """The solution of a user-pinned size: its own count against the budget's target, never replaced."""
+    sol = solve(p.method, p.cfg, spec, None)
+    target = parse_budget(budget).target(spec.base_params)
+    off = (sol.params - target) / target
+    fields = ", ".join(f"{f}={getattr(p.cfg, f)}" for f in p.pinned)
+    sol.target, sol.reachable = target, abs(off) <= PIN_TOLERANCE
+    sol.note = (f"size pinned by the user ({fields}; the solver leaves it): {sol.params:,} trainable parameters, "
+                f"{100 * sol.params / spec.base_params:.3g}% of the backbone, {off:+.1%} against the {budget} target "
+                f"({'within' if sol.reachable else 'outside'} the ±{PIN_TOLERANCE:.0%} tolerance: "
+                f"{'budget-matched' if sol.reachable else 'not budget-matched, ranked apart'})")
+    return sol
+
+
 def _trial(suite_name_: str, task_entry: TaskEntry, task, backbone: str, spec, method, cfg, lr: float,
-           budget: str | None, sol, seed: int, training, role: str = "final") -> TrialSpec:
-    cfg = method.with_knob(cfg, sol.value) if (budget and sol.value is not None) else cfg
+           budget: str | None, sol, seed: int, training, role: str = "final", pinned: bool = False) -> TrialSpec:
+    if budget and sol.value is not None and not pinned:  # the solver's size (and a secondary width it chose)
+        cfg = method.with_knob(method.config(cfg, **sol.updates), sol.value)
     return TrialSpec(
         suite=suite_name_, role=role, task=task_entry, backbone=backbone, method=method.name,
         method_config=cfg.model_dump(mode="json"), budget=budget, seed=seed, lr=lr, training=training,
@@ -94,7 +133,7 @@ def _trial(suite_name_: str, task_entry: TaskEntry, task, backbone: str, spec, m
         knob_step=sol.step,
         target_params=sol.target, trainable_params=sol.params, stored_params=sol.stored,
         head_params=spec.head_params, base_params=spec.base_params, reference=getattr(method, "reference", None),
-        reachable=sol.reachable, note=sol.note,
+        reachable=sol.reachable, pinned=pinned, matched=sol.reachable, note=sol.note,
     )
 
 
@@ -180,16 +219,18 @@ def print_plan(plan: Plan, done: set[str] | None = None) -> None:
         if key in seen:
             seen[key][-1] += 1
             continue
-        status = "run" if t.reachable else "unreachable"
+        status = "run" if t.matched else "pinned, unmatched" if t.pinned else "nearest size"
         knob = f"{t.knob}={t.knob_value}" if t.knob else "—"
         rows.append([t.task.name, t.backbone, t.budget or "—", t.method, knob, f"{t.trainable_params:,}",
                      f"{t.achieved_pct:.3f}%", f"{t.lr:g}", status, 1])
         seen[key] = rows[-1]
     print("\n".join(table(["task", "backbone", "budget", "method", "knob", "trainable", "achieved", "lr", "status",
                            "seeds"], [[str(c) for c in row] for row in rows])))
-    for t in plan.unreachable:
-        if t.seed == plan.suite.seed_list()[0]:
+    for t in plan.trials + plan.unreachable:
+        if t.seed == plan.suite.seed_list()[0] and t.note and t.budget:
             print(f"\n{t.method} at {t.budget}: {t.note}")
     n_done = sum(1 for t in plan.trials if t.trial_id in done)
+    unmatched = sum(1 for t in plan.trials if not t.matched)
     print(f"\nsuite {plan.name}: {len(plan.trials)} trials ({n_done} already done, {len(plan.trials) - n_done} to run), "
-          f"{len(plan.unreachable)} unreachable; seeds {plan.suite.seed_list()}")
+          f"{unmatched} not budget-matched (trained at their nearest or pinned size, ranked apart); "
+          f"seeds {plan.suite.seed_list()}")

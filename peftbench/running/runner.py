@@ -187,6 +187,9 @@ def main_run(args) -> int:
         # fail now, not per trial (a Ray driver may have no GPU while its workers do)
         resolve_precision(suite.training.precision, resolve_device(options.device))
     plan = make_plan(suite, registry)
+    if rank == 0:
+        for warning in plan.warnings:  # a size the user pinned: said before any training
+            print(f"peftbench: note: {warning}", file=sys.stderr)
     out = Path(suite.out)
     if getattr(args, "dry_run", False):
         if rank == 0:
