@@ -171,3 +171,12 @@ def test_preset_and_step_cap(registry):
     assert plan_steps(800, TrainingSpec(epochs=20, step_cap=300)) == 300  # 20 epochs of 50 steps, capped
     assert plan_steps(800, TrainingSpec(epochs=2, step_cap=300)) == 100  # the cap does not lengthen
     assert plan_steps(800, TrainingSpec(max_steps=7, step_cap=3)) == 7  # max_steps is exact
+
+
+def test_a_method_twice_needs_two_configs(registry):
+    suite = SuiteConfig(methods=[{"name": "prefix"}, {"name": "prefix", "config": {"reparameterize": False}}])
+    assert [(e.name, e.config) for e in suite.method_entries(registry)] == [
+        ("prefix", {}), ("prefix", {"reparameterize": False})]
+    with pytest.raises(ConfigError, match=r"methods\.1.*'prefix' is listed twice with the same config"):
+        SuiteConfig(methods=[{"name": "prefix", "config": {"n": 3}}, {"name": "prefix-tuning", "config": {"n": 3}}]
+                    ).method_entries(registry)

@@ -185,9 +185,11 @@ class SuiteConfig(_Strict):
                 name = registry.canonical(entry.name)
             except ConfigError as exc:
                 raise ConfigError(f"field 'methods.{i}': {exc}") from None
-            if name in seen:
-                raise ConfigError(f"field 'methods.{i}': method {name!r} is listed twice (also methods.{seen[name]})")
-            seen[name] = i
+            key = (name, canonical_json(entry.config))  # one method twice is fine with two configs (an ablation)
+            if key in seen:
+                same = " with the same config" if entry.config else ""
+                raise ConfigError(f"field 'methods.{i}': method {name!r} is listed twice{same} (also methods.{seen[key]})")
+            seen[key] = i
             entries.append(entry.model_copy(update={"name": name}))
         return entries
 
