@@ -1,8 +1,10 @@
-"""Statistics over seeds: mean, sample std, 95% t-interval, Welch's t-test, ranking.
+"""Statistics over seeds: mean, sample std, 95% t-interval, Welch's t-test, a one-sided test, ranking.
 
 With n seeds the interval is mean ± t(0.975, n-1) · s / √n (Student's t, s the sample
 standard deviation). Welch's t-test does not assume equal variances:
 t = (m1 - m2) / √(s1²/n1 + s2²/n2), with Welch–Satterthwaite degrees of freedom.
+The one-sided one-sample test of "better than a reference value μ" uses
+t = (m - μ) / (s / √n) with n - 1 degrees of freedom (the sign flipped when lower is better).
 """
 
 from __future__ import annotations
@@ -63,9 +65,29 @@ def welch(a: list[float], b: list[float]) -> float | None:
     return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
 
 
+def better_than_p(values: list[float], reference: float, direction: str = "max") -> float | None:
+    """One-sided p-value of a one-sample t-test that the mean is better than ``reference``.
+
+    Better: above it for ``max``, below it for ``min``. None when the test is undefined:
+    fewer than 2 values, or no spread (the caller then compares the mean directly).
+    """
+    from scipy import stats
+
+    sd = std(values)
+    if sd is None or sd == 0:
+        return None
+    t = (mean(values) - reference) / (sd / math.sqrt(len(values)))
+    if direction_of(direction) == "min":
+        t = -t
+    return float(stats.t.sf(t, len(values) - 1))
+
+
 @dataclass
 class Summary:
-    """One method's primary metric over its seeds, with rank and test against the best."""
+    """One method's primary metric over its seeds, with rank and test against the best.
+
+    ``apart``: the method is not budget-matched; its rank is among the methods ranked apart only.
+    """
 
     key: str
     values: list[float]
@@ -75,6 +97,7 @@ class Summary:
     rank: int | None = None
     p_vs_best: float | None = None
     best: bool = False
+    apart: bool = False
 
     def __post_init__(self):
         self.mean = mean(self.values)
@@ -93,15 +116,22 @@ def rank(summaries: list[Summary], direction: str, references: list[Summary] = (
     p-value of Welch's test against the best's seeds. ``references`` (baselines outside the
     budget, e.g. full fine-tuning) are tested against that best too but get no rank.
     """
-    sign = -1 if direction_of(direction) == "max" else 1
-    ordered = sorted(summaries, key=lambda s: (sign * s.mean, s.key))
+    ordered = order_ranks(summaries, direction)
     for i, s in enumerate(ordered):
-        s.rank = ordered[i - 1].rank if i and ordered[i - 1].mean == s.mean else i + 1
         s.best = i == 0
     if ordered:
         top = ordered[0]
         for s in [*ordered[1:], *references]:
             s.p_vs_best = welch(top.values, s.values)
+    return ordered
+
+
+def order_ranks(summaries: list[Summary], direction: str) -> list[Summary]:
+    """Competition ranks (1, 2, 2, 4) by mean in the task's direction (ties: by key); no test, no best."""
+    sign = -1 if direction_of(direction) == "max" else 1
+    ordered = sorted(summaries, key=lambda s: (sign * s.mean, s.key))
+    for i, s in enumerate(ordered):
+        s.rank = ordered[i - 1].rank if i and ordered[i - 1].mean == s.mean else i + 1
     return ordered
 
 
