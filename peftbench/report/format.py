@@ -15,6 +15,8 @@ import re
 OFF_BUDGET = "⚠"
 #: a reference baseline (full fine-tuning, the head alone): the budget solver did not size it
 NOT_SOLVED = "†"
+#: a method that is not budget-matched (unreachable, or pinned outside the tolerance): ranked apart
+APART = "‡"
 #: an empty cell: no value recorded
 NONE = "—"
 
@@ -99,6 +101,11 @@ def decimals_for(values: list[float]) -> int:
     """Metric decimals for a column: 0.xxx for scores within ±10, fewer for BLEU-like scales."""
     top = max((abs(v) for v in values if v is not None and math.isfinite(v)), default=0)
     return 3 if top < 10 else 2 if top < 100 else 1
+
+
+def fmt_value(value) -> str:
+    """A configuration or search value as text: 0.003, 1e-05, 16, adamw."""
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def fmt_num(value: float | None, decimals: int) -> str:
