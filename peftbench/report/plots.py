@@ -1,4 +1,5 @@
-"""The report's plots (matplotlib, Agg, no pyplot state): Pareto, relative to full fine-tuning, curves.
+"""The report's plots (matplotlib, Agg, no pyplot state): Pareto, relative to full fine-tuning, curves,
+and the search's sensitivity to the learning rate.
 
 Each point is one method at one budget: its trainable parameters (task head excluded) and
 the mean of its primary metric over seeds, with the standard deviation as an error bar.
@@ -155,3 +156,37 @@ def curves_plot(g: Group, colors: dict, path: Path) -> bool:
     _legend(fig, loss_ax)
     _save(fig, path)
     return True
+
+
+def sensitivity_plot(series: dict[str, list[tuple[float, float, bool]]], chosen: dict[str, tuple[float, float]],
+                     colors: dict, path: Path, g: Group) -> None:
+    """Validation primary metric vs learning rate (log), one line per method; the chosen points ringed.
+
+    ``series``: method -> [(lr, validation score, pruned)]; pruned trials are hollow markers.
+    ``chosen``: method -> (lr, validation score) of the values the final trials trained with.
+    """
+    fig, ax = _figure()
+    for method, pts in sorted(series.items()):
+        pts = sorted(pts)
+        color = colors.get(method, "0.3")
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], color=color, linewidth=1, marker="o", label=method)
+        pruned = [p for p in pts if p[2]]
+        if pruned:
+            ax.plot([p[0] for p in pruned], [p[1] for p in pruned], linestyle="none", marker="o", markersize=8,
+                    markerfacecolor="white", markeredgecolor=color, zorder=3)
+    for method, (lr, score) in sorted(chosen.items()):
+        ax.plot([lr], [score], linestyle="none", marker="*", markersize=16, color=colors.get(method, "0.3"),
+                markeredgecolor="black", zorder=4)
+    if any(p[2] for pts in series.values() for p in pts):  # legend entries in grey: they apply to every method
+        ax.plot([], [], linestyle="none", marker="o", markersize=8, markerfacecolor="white", markeredgecolor="0.3",
+                label="pruned")
+    if chosen:
+        ax.plot([], [], linestyle="none", marker="*", markersize=12, color="white", markeredgecolor="black",
+                label="chosen")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate (log scale)")
+    ax.set_ylabel(f"validation {g.primary} ({'higher' if g.direction == 'max' else 'lower'} is better)")
+    ax.set_title(f"{g.task} on {g.backbone}, budget {g.budget or 'none'}: search trials")
+    ax.grid(True, which="both", alpha=0.3)
+    _legend(fig, ax)
+    _save(fig, path)
