@@ -1,4 +1,5 @@
-"""The report on a stored fixture run: golden markdown, plots, statistics, plugin sections, CLI.
+"""The report on a stored fixture run: golden markdown, plots, statistics, diagnostics, ranking apart,
+search, plugin sections, CLI.
 
 Regenerate the golden file after an intended change with
 ``PEFTBENCH_UPDATE_GOLDEN=1 python -m pytest tests/test_report.py``.
@@ -22,20 +23,23 @@ import peftbench
 from peftbench import report
 from peftbench.contract import hookspecs
 from peftbench.contract.costs import Cost
-from peftbench.report import stats
+from peftbench.report import diagnostics, stats
+from peftbench.report.diagnostics import FLAGGED, NOT_APPLICABLE, NOT_COMPUTED, NOT_RECORDED, OK
 from peftbench.errors import ConfigError
 from peftbench.contract.registry import Registry
-from peftbench.results.records import CEILING, FLOOR, CurvePoint, TrialResult, TrialSpec
+from peftbench.results.records import CEILING, FLOOR, CurvePoint, TrialRecord, TrialResult, TrialSpec
 from peftbench.results.store import Store
 from peftbench.tasks.entry import TaskEntry
 
 GOLDEN = Path(__file__).parent / "golden" / "report.md"
+EXAMPLE = Path(__file__).parent.parent / "reports" / "example"
 BASE, HEAD = 22_713_216, 770
 TARGET = {"1%": 227_132, "3%": 681_396}
 ENV = {"versions": {"peftbench": "0.1.0", "torch": "2.13.0", "transformers": "5.23.0"},
        "hardware": "2 CPU cores", "device": "cpu", "threads": 1}
 SUITE_JSON = {"suite": "fixture", "hash": "0123456789abcdef",
-              "command": ["peftbench", "run", "--methods", "lora,houlsby,prefix,qlora,ptuning,prompt,full,head",
+              "command": ["peftbench", "run", "--methods",
+                          "lora,houlsby,pfeiffer,prefix,qlora,ptuning,ptuning_v2,prompt,full,head",
                           "--budget", "1%", "--budget", "3%", "--suite", "fixture"]}
 REFERENCE = {"full": CEILING, "head": FLOOR}  # the reference roles the baselines declare
 
@@ -51,7 +55,30 @@ PLAN = [
     ("qlora", "1%", "r", 25, 9_216, 230_400, [0.839, 0.844, 0.836]),
     ("ptuning", "1%", "n", 591, None, 226_944, [0.781]),  # one seed; no step recorded
     ("prompt", "3%", "n", 1_774, 384, 681_216, ["unreachable"]),
+    ("pfeiffer", "1%", "m", 24, 9_552, 229_248, [0.502, 0.515, 0.496]),  # at the majority class: did not learn
+    ("ptuning_v2", "3%", "n", 128, 4_608, 589_824, [0.871, 0.866, 0.874]),  # unreachable, trained at nearest size
 ]
+NEAREST = ("not reachable: ptuning_v2 spans 4,608..589,824 params (0.0203%..2.60%) with n in 1..128; "
+           "nearest feasible: n=128 (589,824 params)")
+SPACE = {"lr": {"low": 1e-4, "high": 1e-2, "log": True}}
+# spec fields that differ from the plan's defaults, by (method, budget): the searched ones trained at their chosen lr
+SPEC_CHANGES = {
+    ("ptuning_v2", "3%"): dict(reachable=False, matched=False, note=NEAREST),
+    ("lora", "1%"): dict(lr=3e-3, search_params={"lr": 3e-3}, search_space=SPACE),
+    ("houlsby", "1%"): dict(lr=9e-3, search_params={"lr": 9e-3}, search_space=SPACE),  # in the top 10%: edge
+}
+# result fields that differ, by (method, budget, seed): its best validation at its last pass, not stopped early
+RESULT_CHANGES = {("qlora", "1%", 1): dict(best_step=300)}
+# the search of the 1% budget: method -> [(lr, validation accuracy or an outcome)]; the first trial was pruned
+SEARCHES = {
+    "lora": [(1e-4, 0.70), (3e-4, 0.78), (1e-3, 0.84), (3e-3, 0.87), (8e-3, 0.83)],
+    "houlsby": [(2e-4, 0.74), (6e-4, 0.80), (2e-3, 0.85), (9e-3, 0.88), (5e-3, "failed")],
+}
+CHANCE = {"accuracy": 0.5, "macro_f1": 0.3333}  # test metrics of always predicting train's majority class
+CARVED = "carved from train (10% of each label, split seed 0)"
+SPLITS = {"validation": f"selects checkpoints: {CARVED}",
+          "test": "read once, by this final trial: the task's own test split"}
+SEARCH_SPLITS = {"validation": f"selects checkpoints and search values: {CARVED}"}
 ERRORS = {
     "failed": "RuntimeError: boom | a pipe\nand a second line",
     "diverged": "loss became NaN at step 40",
@@ -72,7 +99,8 @@ def make_spec(method, budget, knob, value, step, trainable, seed, **changes) -> 
 
 
 def make_result(method, seed, accuracy, **changes) -> TrialResult:
-    """What a finished fixture trial returned (``changes`` override fields)."""
+    """What a finished fixture trial returned (``changes`` override fields): best validation before the last pass."""
+    steps = 300 if method != "lora" else 280 + 10 * seed
     fields = dict(
         metrics={"accuracy": accuracy, "macro_f1": round(accuracy - 0.004, 4)},
         val_metrics={"accuracy": round(accuracy + 0.01, 4)},
@@ -80,7 +108,8 @@ def make_result(method, seed, accuracy, **changes) -> TrialResult:
         step_time_s=0.2 + 0.01 * seed + (0.3 if method == "qlora" else 0.0),
         peak_mem_bytes=400 * 2**20 + seed * 2**20, mem_kind="rss",
         inference_overhead=1.0 if method in ("full", "head") else 1.05,
-        train_time_s=95.0 + seed, steps=300 if method != "lora" else 280 + 10 * seed,
+        train_time_s=95.0 + seed, steps=steps, best_step=200, last_eval_step=steps, planned_steps=300,
+        stopped_early=steps < 300, chance=CHANCE, splits=SPLITS,
         curves=[CurvePoint(step=s, loss=round(0.7 - 0.1 * i - 0.01 * seed, 3),
                            val_metric=round(accuracy - 0.05 + 0.02 * i, 3)) for i, s in enumerate((100, 200, 300))],
         environment=ENV,
@@ -91,15 +120,27 @@ def make_result(method, seed, accuracy, **changes) -> TrialResult:
 def fixture_trials():
     """(spec, result-or-status) pairs of the fixture run, in a fixed order."""
     out = []
+    sizes = {}
     for method, budget, knob, value, step, trainable, outcomes in PLAN:
+        sizes[(method, budget)] = (knob, value, step, trainable)
         for seed, outcome in enumerate(outcomes):
-            spec = make_spec(method, budget, knob, value, step, trainable, seed)
+            spec = make_spec(method, budget, knob, value, step, trainable, seed, **SPEC_CHANGES.get((method, budget), {}))
             if isinstance(outcome, str):
                 out.append((spec, outcome))
                 continue
             result = make_result(method, seed, outcome, stored_bytes=4 * trainable,
-                                 artifacts=f"trials/{method}-{budget}-{seed}")
+                                 artifacts=f"trials/{method}-{budget}-{seed}",
+                                 **RESULT_CHANGES.get((method, budget, seed), {}))
             out.append((spec, result))
+    for method, trials in SEARCHES.items():
+        for index, (lr, outcome) in enumerate(trials):
+            spec = make_spec(method, "1%", *sizes[(method, "1%")], 0, role="search", lr=lr, search_index=index,
+                             search_params={"lr": lr}, search_space=SPACE)
+            if isinstance(outcome, str):
+                out.append((spec, outcome))
+                continue
+            out.append((spec, make_result(method, 0, outcome, metrics={}, val_metrics={"accuracy": outcome},
+                                          chance={}, splits=SEARCH_SPLITS, pruned=index == 0)))
     return out
 
 
@@ -290,7 +331,8 @@ def test_plots_exist_and_are_png(fixture_run):
     links = re.findall(r"!\[[^\]]*\]\((plots/[^)]+)\)", text)
     names = {Path(link).name for link in links}
     assert {"pareto-movie_sentiment-minilm.png", "relative-movie_sentiment-minilm.png",
-            "curves-movie_sentiment-minilm-1pct.png", "curves-movie_sentiment-minilm-3pct.png"} == names
+            "curves-movie_sentiment-minilm-1pct.png", "curves-movie_sentiment-minilm-3pct.png",
+            "sensitivity-movie_sentiment-minilm-1pct.png"} == names
     for link in links:
         data = (suite_dir / link).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
@@ -303,7 +345,7 @@ def test_plots_exist_and_are_png(fixture_run):
 def test_report_sections_hook_is_appended(fixture_run):
     text = fixture_run[2]
     assert text.index("## Extra from a plugin") > text.index("## Failed and unfinished trials")
-    assert text.endswith("\n\n## Extra from a plugin\n\nSuite fixture has 22 finished trials.\n")
+    assert text.endswith("\n\n## Extra from a plugin\n\nSuite fixture has 37 finished trials.\n")
     assert text.count("## Extra from a plugin") == 1
     suite_dir, store, _ = fixture_run
     assert report.plugin_sections(bare_registry(), report.build_context(suite_dir, store), store) == []
@@ -352,11 +394,13 @@ def test_plugin_sections_go_where_they_ask(fixture_run, tmp_path):
     heads = [line for line in text.splitlines() if line.startswith("#")]
     assert heads.index("## Plugin after setup") == heads.index("## Setup") + 1  # right after the named section
     assert heads.index("## Plugin after setup, second") == heads.index("## Plugin after setup") + 1  # in order
-    assert heads.index("## movie_sentiment on minilm") == heads.index("## Plugin after setup, second") + 1
-    # after a budget: after its table, notes and costs, before the next budget's heading
+    assert heads.index("## Diagnostics") == heads.index("## Plugin after setup, second") + 1
+    assert heads.index("## movie_sentiment on minilm") == heads.index("## Diagnostics") + 1
+    # after a budget: after its table, notes, costs and its search subsection, before the next budget's heading
     budget_1 = next(i for i, h in enumerate(heads) if h.startswith("### Budget 1%"))
-    assert heads[budget_1 + 1] == "#### Plugin note on 1%" and heads[budget_1 + 2].startswith("### Budget 3%")
-    assert text.index("Inside the 1% budget.") > text.index("![Learning curves, movie_sentiment, minilm, budget 1%]")
+    assert heads[budget_1 + 1:budget_1 + 3] == ["#### Search", "#### Plugin note on 1%"]
+    assert heads[budget_1 + 3].startswith("### Budget 3%")
+    assert text.index("Inside the 1% budget.") > text.index("![Search sensitivity to the learning rate, movie_sentiment")
     assert heads.index("## Failed and unfinished trials") == heads.index("## Plugin before failures") + 1
     # without a place: at the end, in pluggy's call order (the last registered plugin first)
     assert heads[-2:] == ["## Plugin at the end", "## Extra from a plugin"]
@@ -393,6 +437,11 @@ def test_plugin_sections_get_the_context_of_the_built_in_sections(fixture_run, t
         seen.setdefault("builtin", ctx)
         return budget_section(ctx, g)
 
+    def rank_text(summary, fmt):  # a plugin writes ranks apart with the same mark as the tables
+        if summary.rank is None:
+            return "ref"
+        return f"{summary.rank} {fmt.APART}" if summary.apart else str(summary.rank)
+
     class RankPlugin:
         __name__ = "rank_plugin"
 
@@ -402,7 +451,7 @@ def test_plugin_sections_get_the_context_of_the_built_in_sections(fixture_run, t
             out = []
             for g in context.groups:
                 decimals = context.fmt.decimals_for([v for m in g.finished for v in m.values(g.primary)])
-                rows = [[m.label, str(m.summary.rank or "ref"), str(len(m.done)),
+                rows = [[m.label, rank_text(m.summary, context.fmt), str(len(m.done)),
                          context.fmt.fmt_num(m.summary.mean, decimals)] for m in g.finished]
                 table = context.fmt.table(["Method", "Rank", "Seeds", "Mean"], rows, {1, 2, 3})
                 out.append(context.section("\n".join(table), title=f"Plugin ranks {g.budget}", level=4,
@@ -491,6 +540,237 @@ def test_search_trials_stay_out_of_the_tables(tmp_path):
         setup = setup_section(context).markdown
     assert "- **Trials:** 1 (1 done)" in setup
     assert "- **Search trials:** 1 (1 done); selected on validation, not in the tables" in setup
+
+
+# -- diagnostics ---------------------------------------------------------------------------
+def record(spec: TrialSpec, result: TrialResult | None = None, status: str = "done") -> TrialRecord:
+    return TrialRecord(trial_id=spec.trial_id, spec=spec, status=status, result=result)
+
+
+def lora_seeds(values, chance: float | None = 0.5, direction="max", **result_changes) -> list[TrialRecord]:
+    """Finished lora seeds with these test accuracies and this majority-class accuracy (None: none recorded)."""
+    scores = {} if chance is None else {"accuracy": chance}
+    return [record(make_spec("lora", "1%", "r", 25, 9_216, 230_400, seed, direction=direction),
+                   make_result("lora", seed, v, **{"chance": scores, **result_changes}))
+            for seed, v in enumerate(values)]
+
+
+def test_golden_diagnostics_flag_exactly_the_rows_built_for_them(fixture_run):
+    text = fixture_run[2]
+    assert {m: r["Diagnostics"] for m, r in results_of(text, "1%").items()} == {
+        "lora": "ok", "houlsby": "edge", "qlora": "cap", "prefix": "ok", "ptuning": "ok", "pfeiffer": "chance",
+        "full": "ok", "head": "ok"}
+    assert {m: r["Diagnostics"] for m, r in results_of(text, "3%").items()} == {
+        "houlsby": "diverged", "lora": "ok", "ptuning_v2": "ok", "full": "ok", "head": "ok"}
+    section = text.split("\n## Diagnostics\n", 1)[1].split("\n## ", 1)[0]
+    assert text.index("## Setup") < text.index("## Diagnostics") < text.index("## movie_sentiment on minilm")
+    flagged = [ln for ln in section.splitlines() if ln.startswith("- movie_sentiment")]
+    assert [(ln.split(", **")[1].split("**")[0], ln.split("`")[1]) for ln in flagged] == [
+        ("houlsby", "edge"), ("qlora", "cap"), ("pfeiffer", "chance"), ("houlsby", "diverged")]
+    p = sps.ttest_1samp([0.002, 0.015, -0.004], 0, alternative="greater").pvalue  # pfeiffer's seeds − chance
+    assert f"accuracy 0.504 ± 0.010 over 3 seeds vs 0.500 for the majority class: not significantly better " \
+           f"(one-sided t-test, p={p:.3f} ≥ α = 0.05)" in flagged[2]
+    assert "seed 1: best validation at step 300, the last validation pass" in flagged[1]
+    assert "lr=0.009 is in the highest 10% of 0.0001..0.01 (log scale)" in flagged[0]
+    assert "budget 3%" in flagged[3] and "seed 2 of 3 diverged" in flagged[3]
+    assert "Not checked" not in section  # every fixture trial recorded what the checks need
+    assert ("- **Splits:** validation: carved from train (10% of each label, split seed 0) — selects checkpoints "
+            "and search values; test: the task's own test split — read once, by final trials\n") in text
+
+
+def test_did_not_learn_is_a_one_sided_t_test_against_the_majority_class():
+    # a known value: [1, 2, 3] against 0 gives t = 2·√3 with 2 degrees of freedom, one-sided p = 0.0370900
+    assert stats.better_than_p([1.0, 2.0, 3.0], 0.0) == pytest.approx(0.0370899501137, rel=1e-9)
+    assert stats.better_than_p([1.0, 2.0, 3.0], 0.0) == pytest.approx(sps.t.sf(2 * math.sqrt(3), 2), rel=1e-12)
+    assert stats.better_than_p([-1.0, -2.0, -3.0], 0.0, "min") == pytest.approx(0.0370899501137, rel=1e-9)
+    assert stats.better_than_p([1.0], 0.0) is None and stats.better_than_p([2.0, 2.0], 0.0) is None
+    # by hand against scipy's one-sample test: above chance, but not significantly (p ≈ 0.078)
+    values = [0.52, 0.55, 0.51]
+    m = sum(values) / 3
+    s = math.sqrt(sum((v - m) ** 2 for v in values) / 2)
+    p = sps.t.sf((m - 0.5) / (s / math.sqrt(3)), 2)
+    assert p == pytest.approx(sps.ttest_1samp(values, 0.5, alternative="greater").pvalue, rel=1e-9)
+    check = diagnostics.did_not_learn(lora_seeds(values), "accuracy", "max")
+    assert check.state == FLAGGED and f"p={p:.3f} ≥ α = 0.05" in check.why and 0.05 < p < 0.1
+    learned = diagnostics.did_not_learn(lora_seeds([0.60, 0.62, 0.61]), "accuracy", "max")
+    assert learned.state == OK and "significantly better (one-sided t-test, p=0.001 < α = 0.05)" in learned.why
+    # lower is better: an error rate significantly below the majority class's has learned
+    assert diagnostics.did_not_learn(lora_seeds([0.30, 0.32, 0.31], direction="min"), "accuracy", "min").state == OK
+    assert diagnostics.did_not_learn(lora_seeds([0.60, 0.62, 0.61], direction="min"), "accuracy", "min").state == FLAGGED
+    # one seed, or no spread: the mean against the majority class, no test
+    for values, state in [([0.50], FLAGGED), ([0.55], OK), ([0.5, 0.5, 0.5], FLAGGED), ([0.6, 0.6], OK)]:
+        check = diagnostics.did_not_learn(lora_seeds(values), "accuracy", "max")
+        assert check.state == state and "no test" in check.why, values
+    # nothing to compare with: not recorded (an old store), not computed (a task without one), no seed
+    old = lora_seeds([0.8], chance=None, splits={}, planned_steps=None, last_eval_step=None)
+    assert diagnostics.did_not_learn(old, "accuracy", "max").state == NOT_RECORDED
+    assert diagnostics.did_not_learn(lora_seeds([0.8], chance=None), "accuracy", "max").state == NOT_COMPUTED
+    assert diagnostics.did_not_learn([], "accuracy", "max").state == NOT_APPLICABLE
+
+
+def test_still_improving_needs_the_best_step_at_the_last_pass_without_an_early_stop():
+    def improving(*seeds):  # one finished seed per dict of result fields
+        spec = make_spec("lora", "1%", "r", 25, 9_216, 230_400, 0)
+        return diagnostics.still_improving([record(spec.model_copy(update={"seed": seed}),
+                                                   make_result("lora", seed, 0.8, **changes))
+                                            for seed, changes in enumerate(seeds)])
+
+    hit = improving(dict(best_step=300, last_eval_step=300, steps=300, stopped_early=False))
+    assert hit.state == FLAGGED and hit.why.startswith("seed 0: best validation at step 300")
+    assert improving(dict(best_step=300, last_eval_step=300, stopped_early=True)).state == OK
+    assert improving(dict(best_step=200, last_eval_step=300, stopped_early=False)).state == OK
+    two = improving(dict(best_step=200, last_eval_step=300, stopped_early=False),
+                    dict(best_step=250, last_eval_step=250, stopped_early=False))
+    assert two.state == FLAGGED and two.why.startswith("seed 1:")
+    assert improving(dict(best_step=None, last_eval_step=None, stopped_early=None)).state == NOT_RECORDED
+    assert diagnostics.still_improving([]).state == NOT_APPLICABLE
+
+
+def test_a_chosen_value_at_the_edge_of_its_space():
+    log, linear, choices = SPACE["lr"], {"low": 0, "high": 1}, {"choices": [8, 16, 32]}
+    assert diagnostics.edge_of(9e-3, log) == "in the highest 10% of 0.0001..0.01 (log scale)"
+    assert diagnostics.edge_of(1.5e-4, log).startswith("in the lowest 10%")  # log position 0.088
+    assert diagnostics.edge_of(1.7e-4, log) == ""  # 0.115: inside (on a linear scale it would be at the edge)
+    assert diagnostics.edge_of(3e-3, log) == "" and diagnostics.edge_of(0.5, linear) == ""
+    assert diagnostics.edge_of(0.95, linear).startswith("in the highest") and diagnostics.edge_of(0.05, linear)
+    assert diagnostics.edge_of(8, choices) == "the first of [8, 16, 32]"
+    assert diagnostics.edge_of(32, choices) == "the last of [8, 16, 32]" and diagnostics.edge_of(16, choices) == ""
+    assert diagnostics.edge_of(8, {"values": [16, 8]}) == "the first of [8, 16]"  # the search's own key, any order
+    assert diagnostics.edge_of("sgd", {"choices": ["adamw", "sgd"]}) == ""  # names have no order, no edge
+    assert diagnostics.edge_of(0.1, {"mu": 0, "sigma": 1}) is None and diagnostics.edge_of(0.1, None) is None
+
+    def final(params, space):
+        return [record(make_spec("lora", "1%", "r", 25, 9_216, 230_400, 0, search_params=params, search_space=space),
+                       make_result("lora", 0, 0.8))]
+
+    both = {"lr": SPACE["lr"], "alpha": choices}
+    check = diagnostics.at_edge(final({"lr": 3e-3, "alpha": 32}, both))
+    assert check.state == FLAGGED and check.why == "alpha=32 is the last of [8, 16, 32]"
+    assert diagnostics.at_edge(final({"lr": 3e-3, "alpha": 16}, both)).state == OK
+    assert diagnostics.at_edge(final({"lr": 3e-3}, {})).state == NOT_RECORDED
+    assert diagnostics.at_edge(final({"lr": 3e-3}, {"lr": {"mu": 0}})).state == NOT_COMPUTED
+    assert diagnostics.at_edge(final({}, {})).state == NOT_APPLICABLE
+
+
+def test_a_diverged_seed_is_flagged():
+    ok = lora_seeds([0.8, 0.81])
+    assert diagnostics.diverged(ok).state == OK
+    bad = record(make_spec("lora", "1%", "r", 25, 9_216, 230_400, 2), status="diverged")
+    check = diagnostics.diverged([*ok, bad])
+    assert check.state == FLAGGED and check.why == "seed 2 of 3 diverged"
+    assert [c.code for c in diagnostics.diagnose(ok, [bad], "accuracy", "max")] == list(diagnostics.CHECKS)
+    assert diagnostics.cell(diagnostics.diagnose(ok, [bad], "accuracy", "max")) == "diverged"
+
+
+# -- ranked apart --------------------------------------------------------------------------
+def test_methods_that_are_not_budget_matched_are_ranked_apart():
+    from peftbench.report.tables import results_table
+
+    replaced = "reduction_factor=8 chosen by the solver: the largest of [16, 8] with which m reaches the budget"
+    plan = [  # make_spec's arguments but the seed, spec changes, accuracies
+        (("lora", "1%", "r", 25, 9_216, 230_400), {}, [0.85, 0.86]),
+        (("houlsby", "1%", "m", 40, 18_456, 760_000), dict(pinned=True, matched=False), [0.90, 0.91]),
+        (("prefix", "1%", "n", 1, 4_608, 1_922_304),
+         dict(reachable=False, matched=False, note=NEAREST.replace("ptuning_v2", "prefix")), [0.87, 0.88]),
+        (("pfeiffer", "1%", "m", 49, 4_000, 228_390), dict(note=replaced), [0.80, 0.81]),
+        (("full", None, None, None, None, BASE), {}, [0.86, 0.87]),
+    ]
+    records = [record(make_spec(*args, seed, **changes), make_result(args[0], seed, acc))
+               for args, changes, accs in plan for seed, acc in enumerate(accs)]
+    [group] = report.build_groups(records)
+    lines, notes = results_table(group)
+    rows = table_rows("\n".join(lines), "")
+    # houlsby and prefix score best but never take rank 1: they follow the matched ones, with their own ranks
+    assert list(rows) == ["lora", "pfeiffer", "houlsby", "prefix", "full"]
+    assert [rows[m]["Rank"] for m in rows] == ["1", "2", f"1 {report.APART}", f"2 {report.APART}", "ref"]
+    assert rows["lora"]["vs best (Welch)"] == "best" and [m.method for m in group.methods if m.summary.best] == ["lora"]
+    p = stats.welch([0.85, 0.86], [0.90, 0.91])
+    assert rows["houlsby"]["vs best (Welch)"] == ("*" if p < 0.05 else "n.s.") + f" p={p:.3f}"
+    assert rows["houlsby"]["Achieved"] == f"3.35% {report.APART}" and rows["houlsby"]["Knob"] == "m=40 (pinned size)"
+    assert rows["prefix"]["Achieved"] == f"8.46% {report.APART}"  # the apart mark, not the off-budget one
+    assert not any(report.OFF_BUDGET in r["Achieved"] for r in rows.values())
+    apart = [n for n in notes if n.startswith(report.APART)]
+    assert len(apart) == 2
+    assert "**houlsby** is ranked apart (pinned size outside the budget's tolerance): 760,000 trainable" in apart[0]
+    assert ("**prefix** is ranked apart (the budget is out of its reach: trained at its nearest feasible size)"
+            in apart[1] and "Solver: not reachable: prefix spans" in apart[1])
+    assert f"**pfeiffer**: {replaced}." in notes  # the solver's note on a matched method, under the table
+
+
+def test_golden_ranks_the_unreachable_method_apart(fixture_run):
+    three = results_of(fixture_run[2], "3%")
+    assert three["houlsby"]["Rank"] == "1" and three["houlsby"]["vs best (Welch)"] == "best"
+    assert three["ptuning_v2"]["Rank"] == f"1 {report.APART}" and three["ptuning_v2"]["Achieved"] == "2.60% ‡"
+    assert list(three) == ["houlsby", "lora", "ptuning_v2", "full", "head"]
+    assert f"- {report.APART} **ptuning_v2** is ranked apart" in fixture_run[2]
+
+
+# -- search --------------------------------------------------------------------------------
+def test_search_section_and_sensitivity_plot(fixture_run):
+    suite_dir, _, text = fixture_run
+    block = text.split("#### Search\n", 1)[1].split("\n### ", 1)[0]
+    rows = table_rows(block, "")
+    assert rows["lora"] == {"Method": "lora", "Space": "lr ∈ [0.0001, 0.01] (log)", "Trials": "5", "Pruned": "1",
+                            "Chosen": "lr=0.003", "Validation accuracy (chosen)": "0.870"}
+    assert rows["houlsby"]["Trials"] == "5 (1 failed)" and rows["houlsby"]["Chosen"] == "lr=0.009"
+    assert rows["houlsby"]["Validation accuracy (chosen)"] == "0.880"
+    assert text.index("#### Search") < text.index("### Budget 3%")  # inside its budget; 3% ran no search
+    assert text.count("#### Search") == 1
+    [link] = re.findall(r"!\[[^\]]*\]\((plots/sensitivity[^)]+)\)", block)
+    assert link == "plots/sensitivity-movie_sentiment-minilm-1pct.png"
+    data = (suite_dir / link).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5_000
+    # search trials stay out of the results tables
+    assert sum(int(r["Seeds"].split()[0]) for r in results_of(text, "1%").values()) == 3 + 3 + 3 + 2 + 3 + 3 + 1 + 3
+
+
+def test_search_spaces_of_other_shapes_are_shown_as_text():
+    from peftbench.report.search import space_text
+
+    def trial(space):
+        return record(make_spec("lora", "1%", "r", 25, 9_216, 230_400, 0, role="search", search_space=space))
+
+    assert space_text([trial({"alpha": {"choices": [8, 16, 32]}, "lr": SPACE["lr"]})]) == \
+        "alpha ∈ {8, 16, 32}; lr ∈ [0.0001, 0.01] (log)"
+    assert space_text([trial({"dropout": {"low": 0.0, "high": 0.3}})]) == "dropout ∈ [0, 0.3]"
+    assert space_text([trial({"alpha": {"values": [8, 16]}})]) == "alpha ∈ {8, 16}"
+    assert space_text([trial({"lr": {"mu": -3, "sigma": 1}})]) == 'lr: {"mu":-3,"sigma":1}'
+    assert space_text([trial({})]) == "not recorded"
+
+
+# -- an old store --------------------------------------------------------------------------
+def without_additions(markdown: str) -> str:
+    """The report less what the diagnostics added: the Splits line, the Diagnostics section, column and legend."""
+    lines, out, cut = markdown.splitlines(), [], False
+    for line in lines:
+        if line.startswith("## "):
+            cut = line == "## Diagnostics"
+        if cut or line.startswith("- **Splits:**") or line.startswith("- Diagnostics: `chance`"):
+            continue
+        out.append(line)
+    text, tables = "\n".join(out), re.findall(r"(?:^\|.*\n?)+", "\n".join(out), flags=re.M)
+    for block in tables:
+        if block.splitlines()[0].rstrip().endswith("| Diagnostics |") or "| Diagnostics " in block.splitlines()[0]:
+            text = text.replace(block, "\n".join(re.sub(r" [^|]*\|$", "", ln) for ln in block.splitlines())
+                                + ("\n" if block.endswith("\n") else ""))
+    return text
+
+
+def test_the_example_store_renders_with_not_recorded_diagnostics(tmp_path):
+    suite_dir = tmp_path / "example"
+    shutil.copytree(EXAMPLE, suite_dir, ignore=shutil.ignore_patterns("plots"))  # never the committed store in place
+    registry = peftbench.get_registry()  # to migrate the store if it is older than the code
+    with Store(suite_dir / "results.sqlite", create=False, registry=registry) as store:
+        text = report.render(suite_dir, store, bare_registry())
+    assert "- **Splits:** not recorded (trials stored before the splits' origins were recorded)" in text
+    rows = results_of(text, "1%")
+    assert rows and {r["Diagnostics"] for r in rows.values()} == {"chance? cap?"}
+    section = text.split("\n## Diagnostics\n", 1)[1].split("\n## ", 1)[0]
+    assert "Flagged: none." in section
+    assert "- `chance` (did not learn) not recorded for every row: no majority-class score stored" in section
+    assert "- `cap` (still improving at the cap) not recorded for every row" in section
+    # nothing else changed
+    assert without_additions(text) == without_additions((EXAMPLE / "report.md").read_text(encoding="utf-8"))
 
 
 # -- the command ---------------------------------------------------------------------------

@@ -8,8 +8,9 @@ Built-in sections and plugin sections (the ``report_sections`` hook) get the sam
 A ``Section`` is a piece of markdown, optionally under a heading, that says where it goes:
 at the end (the default), right after another section and that section's subsections
 (``after=``), or right before one (``before=``), naming it by its key or its title. Built-in keys: ``title``, ``setup``,
-``results/<task>/<backbone>``, ``results/<task>/<backbone>/<budget or none>``,
-``pareto/<task>/<backbone>``, ``relative/<task>/<backbone>``, ``failures``.
+``diagnostics``, ``results/<task>/<backbone>``, ``results/<task>/<backbone>/<budget or none>``,
+``search/<task>/<backbone>/<budget or none>`` (inside its budget), ``pareto/<task>/<backbone>``,
+``relative/<task>/<backbone>``, ``failures``.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """The built-in sections, each a function of the report context, in the order they are written.
 
-Title, Setup, then for every (task, backbone): a heading, one subsection per budget (quality
-table and notes, costs table, learning curves), the Pareto plot, and (with several budgets)
-the plot relative to full fine-tuning; last, the trials that did not finish. Plugin sections
+Title, Setup, Diagnostics (every flagged row and why), then for every (task, backbone): a
+heading, one subsection per budget (quality table and notes, costs table, learning curves,
+and the search when one ran), the Pareto plot, and (with several budgets) the plot relative
+to full fine-tuning; last, the trials that did not finish. Plugin sections
 are placed among these by the same machinery (``context.place``).
 """
 
@@ -12,9 +13,11 @@ from typing import Callable
 
 import peftbench.report.stats as stats
 from peftbench.report.context import ReportContext, Section, section_key
+from peftbench.report.diagnostics_section import diagnostics_section
 from peftbench.report.format import decimals_for, fmt_num, slug, table
 from peftbench.report.groups import Group, MethodResult
 from peftbench.report.plots import curves_plot, pareto_plot, relative_plot
+from peftbench.report.search import search_sections
 from peftbench.report.setup import setup_section
 from peftbench.report.tables import costs_table, results_table
 from peftbench.results.records import CEILING, TrialRecord
@@ -28,11 +31,12 @@ def title_section(ctx: ReportContext) -> Section:
 
 
 def results_sections(ctx: ReportContext) -> list[Section]:
-    """Per (task, backbone): its heading, its budgets, the Pareto plot, the relative plot."""
+    """Per (task, backbone): its heading, its budgets (each with its search), the Pareto plot, the relative plot."""
     out = []
     for (task, backbone), groups in ctx.by_task_backbone().items():
         out.append(Section(title=f"{task} on {backbone}", key=section_key("results", task, backbone)))
-        out += [budget_section(ctx, g) for g in groups]
+        for g in groups:
+            out += [budget_section(ctx, g), *search_sections(ctx, g)]
         out += pareto_section(ctx, groups) + relative_section(ctx, groups)
     return out
 
@@ -124,6 +128,7 @@ def _reason(r: TrialRecord) -> str:
 BUILTIN: list[tuple[str, Callable[[ReportContext], Section | list[Section]]]] = [
     ("title", title_section),
     ("setup", setup_section),
+    ("diagnostics", diagnostics_section),
     ("results", results_sections),
     ("failures", failures_section),
 ]

@@ -2,8 +2,9 @@
 
 A reader should be able to judge every number below it from this section alone: the exact
 command, the tasks with their primary metric and direction, the backbones with their size
-(the budget's denominator), the methods, budgets and seeds, the statistical procedure, how
-many trials ended how, and the software and hardware they ran on.
+(the budget's denominator), the methods, budgets and seeds, which split selected checkpoints
+and search values and which one the test metrics come from (``TrialResult.splits``), the
+statistical procedure, how many trials ended how, and the software and hardware they ran on.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ def setup_section(ctx: ReportContext) -> Section:
         f"- **Budgets:** {_budgets(ctx) or '—'}",
         f"- **Budget definition:** {BUDGET_DEFINITION} {SOLVING}",
         f"- **Seeds:** {_seeds(finals)}",
+        *_splits(ctx),
         f"- **Statistics:** {STATISTICS}",
         f"- **Trials:** {_trials(finals)}",
     ]
@@ -96,6 +98,42 @@ def _seeds(records: list[TrialRecord]) -> str:
         return "none recorded"
     return (f"{len(seeds)} ({', '.join(map(str, seeds))}) per method and budget; the Seeds column "
             "counts those that finished")
+
+
+#: the splits in the order the Setup names them (others follow by name)
+SPLIT_ORDER = ("validation", "test")
+
+
+def _splits(ctx: ReportContext) -> list[str]:
+    """Which split selected what and which one was read for the test metrics, per task, from the trials' records.
+
+    A record says ``"<role>: <origin>"`` per split; roles over trials are merged (a role that begins
+    another, 'selects checkpoints' in 'selects checkpoints and search values', is dropped).
+    """
+    tasks: dict[str, dict[str, dict[str, list[str]]]] = {g.task: {} for g in ctx.groups}
+    for r in ctx.records:
+        for split, text in (r.result.splits.items() if r.result is not None else ()):
+            role, sep, origin = text.partition(": ")
+            role, origin = (role.strip(), origin.strip()) if sep else ("", text.strip())
+            roles = tasks.setdefault(r.spec.task.name, {}).setdefault(split, {}).setdefault(origin, [])
+            role = role.replace("by this final trial", "by final trials")
+            if role and role not in roles:
+                roles.append(role)
+    texts = {task: _split_text(found) for task, found in sorted(tasks.items())}
+    if len(texts) <= 1:
+        return [f"- **Splits:** {text}" for text in texts.values()]
+    return ["- **Splits:**"] + [f"  - {task}: {text}" for task, text in texts.items()]
+
+
+def _split_text(found: dict[str, dict[str, list[str]]]) -> str:
+    if not found:
+        return "not recorded (trials stored before the splits' origins were recorded)"
+    parts = []
+    for split in sorted(found, key=lambda s: (SPLIT_ORDER.index(s) if s in SPLIT_ORDER else len(SPLIT_ORDER), s)):
+        for origin, roles in found[split].items():
+            kept = [r for r in roles if not any(o != r and o.startswith(r) for o in roles)]
+            parts.append(f"{split}: {origin or 'origin not recorded'}" + (f" — {', '.join(kept)}" if kept else ""))
+    return "; ".join(parts)
 
 
 def _trials(records: list[TrialRecord]) -> str:

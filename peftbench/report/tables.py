@@ -3,7 +3,9 @@
 Quality: each method's size against the budget (Achieved = trainable / backbone parameters,
 Δ target = (trainable − target) / target), then its primary metric over seeds as
 mean ± sample standard deviation with the 95% t-interval, the other metrics, its rank and
-Welch's test against the best budget-matched method (see ``stats``).
+Welch's test against the best budget-matched method (see ``stats``), and its diagnostics
+(``diagnostics``: codes, explained under the table and in the Diagnostics section). Methods
+that are not budget-matched follow the ranked ones with their own ranks and a mark.
 
 Costs: what a method costs to keep and to run, as means over finished seeds (peak memory is
 the maximum), plus one column per cost figure methods declare themselves (``TrialResult.costs``,
@@ -14,26 +16,30 @@ from __future__ import annotations
 
 from collections import Counter
 
+import peftbench.report.diagnostics as diagnostics
 import peftbench.report.format as fmt
 import peftbench.report.stats as stats
-from peftbench.report.groups import Group, MethodResult, is_reference, off_budget
+from peftbench.report.groups import Group, MethodResult, is_apart, is_reference, off_budget
 
 
 # -- quality ---------------------------------------------------------------------------------
 def results_table(g: Group) -> tuple[list[str], list[str]]:
-    """The quality table of one group and its notes (off-budget methods, baselines, unfinished seeds)."""
+    """The quality table of one group and its notes (ranked apart, off budget, solver, baselines, unfinished,
+    the diagnostics' codes)."""
     order = g.finished
     metric_names = _other_metrics(g)
     decimals = {name: fmt.decimals_for([v for m in order for v in m.values(name)])
                 for name in [g.primary, *metric_names]}
     headers = ["Method", "Knob", "Trainable", "Achieved", "Δ target", "Head", "Seeds",
-               f"{g.primary} (mean ± std)", "95% CI", *metric_names, "Rank", "vs best (Welch)"]
+               f"{g.primary} (mean ± std)", "95% CI", *metric_names, "Rank", "vs best (Welch)", "Diagnostics"]
     rows = [[m.label, _knob(m), fmt.fmt_params(m.spec.trainable_params), *_size_cells(m),
              fmt.fmt_params(m.spec.head_params), _seeds(m), *_primary_cells(m, decimals[g.primary]),
-             *(_mean_std(m.values(name), decimals[name]) for name in metric_names), *_rank_cells(m)]
+             *(_mean_std(m.values(name), decimals[name]) for name in metric_names), *_rank_cells(m),
+             diagnostics.cell(m.checks)]
             for m in order]
-    right = set(range(2, len(headers))) - {len(headers) - 1}  # numbers right, the last (text) column left
-    notes = [*_off_budget_notes(order), *_reference_notes(order), *_unfinished_notes(g)]
+    right = set(range(2, len(headers) - 2))  # numbers right, the last two (text) columns left
+    notes = [*_apart_notes(order), *_off_budget_notes(order), *_solver_notes(order), *_reference_notes(order),
+             *_unfinished_notes(g), diagnostics_legend()]
     return fmt.table(headers, rows, right), notes
 
 
@@ -44,7 +50,8 @@ def _other_metrics(g: Group) -> list[str]:
 
 
 def _knob(m: MethodResult) -> str:
-    return f"{m.knob}={m.knob_value}" if m.knob else fmt.NONE
+    """'r=25'; a size the user fixed says so: 'r=8 (pinned size)'."""
+    return (f"{m.knob}={m.knob_value}" if m.knob else fmt.NONE) + (" (pinned size)" if m.spec.pinned else "")
 
 
 def _seeds(m: MethodResult) -> str:
@@ -53,14 +60,17 @@ def _seeds(m: MethodResult) -> str:
 
 
 def _size_cells(m: MethodResult) -> tuple[str, str]:
-    """(Achieved, Δ target); a baseline is marked not budget-solved, a miss over one knob step flagged."""
+    """(Achieved, Δ target); a baseline is marked not budget-solved, a method ranked apart marked so, a
+    miss over one knob step flagged."""
     spec = m.spec
     achieved = fmt.fmt_pct(spec.achieved_pct if spec.base_params else None)
     if is_reference(spec):
         achieved, delta = f"{achieved} {fmt.NOT_SOLVED}", fmt.NONE
     else:
         delta = fmt.fmt_signed_pct(100 * (spec.trainable_params - spec.target_params) / spec.target_params)
-    if off_budget(m)[0]:
+    if is_apart(spec):
+        achieved += f" {fmt.APART}"
+    elif off_budget(m)[0]:
         achieved += f" {fmt.OFF_BUDGET}"
     return achieved, delta
 
@@ -84,11 +94,11 @@ def _primary_cells(m: MethodResult, decimals: int) -> tuple[str, str]:
 
 
 def _rank_cells(m: MethodResult) -> tuple[str, str]:
-    """(Rank, vs best): 'ref' for an unranked baseline; the test's mark and p-value."""
+    """(Rank, vs best): 'ref' for an unranked baseline, '1 ‡' for a rank apart; the test's mark and p-value."""
     s = m.summary
     if s is None:
         return fmt.NONE, fmt.NONE
-    rank = str(s.rank) if s.rank is not None else "ref"
+    rank = "ref" if s.rank is None else f"{s.rank} {fmt.APART}" if s.apart else str(s.rank)
     return rank, (stats.mark(s) + " " + fmt.fmt_p(s.p_vs_best)).strip()
 
 
@@ -96,7 +106,7 @@ def _off_budget_notes(order: list[MethodResult]) -> list[str]:
     notes = []
     for m in order:
         flagged, step, estimated = off_budget(m)
-        if not flagged:
+        if not flagged or is_apart(m.spec):
             continue
         spec = m.spec
         how = ("estimated as trainable parameters / knob value: the run recorded no step" if estimated
@@ -107,6 +117,39 @@ def _off_budget_notes(order: list[MethodResult]) -> list[str]:
             f"than one knob step ({fmt.fmt_params(round(step))} parameters, {how}). Compare it with care."
         )
     return notes
+
+
+def _apart_notes(order: list[MethodResult]) -> list[str]:
+    """Why each method ranked apart is not budget-matched, its size against the target, the solver's note."""
+    notes = []
+    for m in order:
+        spec = m.spec
+        if not is_apart(spec):
+            continue
+        why = ("pinned size outside the budget's tolerance" if spec.pinned
+               else "the budget is out of its reach: trained at its nearest feasible size" if not spec.reachable
+               else "not budget-matched")
+        target = f"{spec.target_params:,}" + (f" ({fmt.fmt_pct(100 * spec.target_params / spec.base_params)})"
+                                               if spec.base_params else "")
+        solver = f" Solver: {spec.note.rstrip('.')}." if spec.note else ""
+        notes.append(f"{fmt.APART} **{m.label}** is ranked apart ({why}): {spec.trainable_params:,} trainable "
+                     f"parameters ({fmt.fmt_pct(spec.achieved_pct)}) vs the target {target}. Its rank is among "
+                     f"the methods ranked apart only; Welch's test compares it with the best budget-matched "
+                     f"method.{solver}")
+    return notes
+
+
+def _solver_notes(order: list[MethodResult]) -> list[str]:
+    """The solver's note on a budget-matched method (a user value it replaced, a width it chose)."""
+    return [f"**{m.label}**: {m.spec.note}" + ("" if m.spec.note.endswith(".") else ".")
+            for m in order if m.spec.note and not is_reference(m.spec) and not is_apart(m.spec)]
+
+
+def diagnostics_legend() -> str:
+    """The codes of the Diagnostics column, in one line."""
+    codes = ", ".join(f"`{code}` {name}" for code, (name, _) in diagnostics.CHECKS.items())
+    return (f"Diagnostics: {codes}; `code?`: not recorded in this store, so not checked; `ok`: nothing flagged "
+            "(details under *Diagnostics*).")
 
 
 def _reference_notes(order: list[MethodResult]) -> list[str]:
