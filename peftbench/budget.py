@@ -169,6 +169,13 @@ def _solve_knob(method, cfg, spec, budget: Budget | str | None) -> Solution:
                     spec.base_params, reachable, c_lo, c_hi, lo, hi, note=note, step=step)
 
 
+def solved_config(method, cfg, sol: Solution):
+    """``cfg`` at the solution: its secondary width (if the solver chose one) and its knob."""
+    if sol.value is None or sol.target is None:
+        return method.config(cfg)
+    return method.with_knob(method.config(cfg, **sol.updates), sol.value)
+
+
 def solve_or_raise(method, cfg, spec, budget) -> Solution:
     sol = solve(method, cfg, spec, budget)
     if not sol.reachable:

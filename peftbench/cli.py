@@ -73,7 +73,7 @@ def cmd_plugins(args) -> int:
 def solve_methods(reg, backbone_name: str, methods: list[str], budget: str, verify_counts: bool = True, task: str = "classification"):
     """Solve every method's knob for the budget; with ``verify_counts``, measure each on the real backbone."""
     from peftbench.backbones.backbone import load_backbone, spec_for
-    from peftbench.budget import parse_budget, solve
+    from peftbench.budget import parse_budget, solve, solved_config
     from peftbench.contract.apply import measure
 
     parsed = parse_budget(budget)
@@ -86,7 +86,7 @@ def solve_methods(reg, backbone_name: str, methods: list[str], budget: str, veri
     if verify_counts:
         backbone = load_backbone(backbone_name, task=task, registry=reg)
         for method, sol in solutions:
-            cfg = method.config() if sol.value is None else method.with_knob(method.config(), sol.value)
+            cfg = solved_config(method, method.config(), sol)
             sol.measured = measure(method, backbone, cfg)  # applied (config checked), counted, removed
             sol.verified = sol.measured == sol.params
     return spec, solutions
