@@ -46,7 +46,9 @@ class Method:
     inserts: ClassVar[str] = ""
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     aliases: ClassVar[tuple[str, ...]] = ()
-    #: default learning rate for the runner (PEFT methods want more than full fine-tuning)
+    #: the method's textbook learning rate (PEFT methods want more than full fine-tuning): used when
+    #: no other is set, and the centre of the equal-effort search's default space (``--search-trials``
+    #: samples lr log-uniformly over one decade each side of it, ``running.search``)
     default_lr: ClassVar[float] = 1e-3
     #: learning rate tuned for peftbench's default schedule (50 steps of 16 on MiniLM, linear
     #: decay), or None to use ``default_lr`` there. The built-in values are the best of three per

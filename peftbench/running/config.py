@@ -26,6 +26,7 @@ from peftbench.budget import parse_budget
 from peftbench.contract.method import format_validation_error
 from peftbench.errors import BudgetError, ConfigError
 from peftbench.results.records import ADDED_TRAINING_FIELDS, REFERENCE_ROLES, TrainingSpec, canonical_json
+from peftbench.running.search import SearchConfig
 from peftbench.tasks.entry import TaskEntry
 
 DEFAULT_TASK = "movie_sentiment"
@@ -122,6 +123,8 @@ class SuiteConfig(_Strict):
     artifacts_dir: str | None = Field(None, description="trial artifacts: a folder or an fsspec URL (default: OUT/SUITE/trials)")
     preset: str | None = Field(None, description="a named schedule the training section starts from (converged)")
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+    search: SearchConfig | None = Field(None, description="equal-effort search per group before the final seeds "
+                                                          "(running.search); null or 0 trials: none")
     #: set by ``plan.finish_suite`` once names are canonical and learning rates resolved (done once per suite)
     _finished: bool = PrivateAttr(False)
 
@@ -201,6 +204,8 @@ class SuiteConfig(_Strict):
         for key in ADDED_SUITE_FIELDS:  # added later: in the identity only when set, so older suites keep theirs
             if data.get(key) is None:
                 data.pop(key, None)
+        if "search" in data and not data["search"]["trials"]:  # 0 trials: no search, the suite it was without one
+            data.pop("search")
         for key in ADDED_TRAINING_FIELDS:
             if data["training"].get(key) is None:
                 data["training"].pop(key, None)
@@ -211,7 +216,7 @@ class SuiteConfig(_Strict):
 
 
 #: suite fields added after suites were first stored (identity only when set)
-ADDED_SUITE_FIELDS = ("preset",)
+ADDED_SUITE_FIELDS = ("preset", "search")
 #: suite fields that say where and how the grid runs, not what it computes (left out of the hash)
 SUITE_RUN_ONLY = ("suite", "out", "executor", "ray", "artifacts_dir")
 
