@@ -1,4 +1,5 @@
-"""One trial, never raising for the trial's own errors: ``execute_trial(spec, options, artifacts, registry)``.
+"""One trial, never raising for the trial's own errors: ``execute_trial(spec, options, artifacts, registry)``
+(and, for a search trial, ``pruning``: its group's study, so Optuna's pruner may stop it).
 
 Whatever runs a trial (this process, a Ray worker, every rank under torchrun) calls this and
 gets an ``Outcome`` back: ``done`` with a ``TrialResult``, ``diverged`` with what the trial got
@@ -18,6 +19,7 @@ from typing import Literal
 from peftbench.results.records import TrialResult, TrialSpec
 from peftbench.running.artifacts import is_remote, upload, write_text
 from peftbench.running.options import RunOptions
+from peftbench.running.search import Pruning
 
 
 @dataclass(frozen=True)
@@ -29,12 +31,12 @@ class Outcome:
     result: TrialResult | None = None
 
 
-def _run(spec: TrialSpec, options: RunOptions, artifacts: str | None, registry) -> Outcome:
+def _run(spec: TrialSpec, options: RunOptions, artifacts: str | None, registry, pruning: Pruning | None) -> Outcome:
     from peftbench.running.train import Diverged
     from peftbench.running.trial import run_trial
 
     try:
-        return Outcome("done", None, run_trial(spec, options, artifacts, registry))
+        return Outcome("done", None, run_trial(spec, options, artifacts, registry, pruning))
     except Diverged as exc:
         return Outcome("diverged", str(exc), exc.result)
     except Exception as exc:  # noqa: BLE001 - any failure is recorded and the grid goes on
@@ -46,13 +48,14 @@ def _run(spec: TrialSpec, options: RunOptions, artifacts: str | None, registry) 
                        TrialResult(artifacts=artifacts) if artifacts else None)
 
 
-def execute_trial(spec: TrialSpec, options: RunOptions, artifacts: str | None, registry) -> Outcome:
+def execute_trial(spec: TrialSpec, options: RunOptions, artifacts: str | None, registry,
+                  pruning: Pruning | None = None) -> Outcome:
     """Run one trial and say how it went; ``artifacts``: its folder or URL (None: keep nothing)."""
     if not is_remote(artifacts):
-        return _run(spec, options, artifacts, registry)
+        return _run(spec, options, artifacts, registry, pruning)
     with tempfile.TemporaryDirectory(prefix="peftbench-trial-") as tmp:
         local = str(Path(tmp) / "trial")
-        outcome = _run(spec, options, local, registry)
+        outcome = _run(spec, options, local, registry, pruning)
         result = (outcome.result or TrialResult()).model_copy(update={"artifacts": artifacts})
         status, error = outcome.status, outcome.error
         try:

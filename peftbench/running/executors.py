@@ -1,6 +1,7 @@
 """Where trials run: ``local`` (this process, one at a time) or ``ray`` (one Ray task per trial).
 
-An executor gets the pending jobs (a ``TrialSpec`` and where its artifacts go) and two
+An executor gets the pending jobs (a ``TrialSpec``, where its artifacts go and, for a search
+trial, its group's study for the pruner) and two
 callbacks, ``on_start(job)`` and ``on_done(job, outcome)``, and calls them on the driver:
 only the driver writes the results store. Whatever runs a trial calls
 ``execute.execute_trial``, which never raises for the trial's own errors. The run options
@@ -21,16 +22,19 @@ from peftbench.results.records import TrialResult, TrialSpec
 from peftbench.running.artifacts import write_text
 from peftbench.running.execute import Outcome, execute_trial
 from peftbench.running.options import RunOptions
+from peftbench.running.search import Pruning
 
 RAY_INSTALL = 'pip install "peftbench[ray]"'
 
 
 @dataclass(frozen=True)
 class Job:
-    """A trial to run and the folder or URL its artifacts go to (None: keep none)."""
+    """A trial to run, the folder or URL its artifacts go to (None: keep none) and, for a search
+    trial, what its pruner needs (None: it runs to the end)."""
 
     spec: TrialSpec
     artifacts: str | None
+    pruning: Pruning | None = None
 
     @property
     def trial_id(self) -> str:
@@ -59,7 +63,7 @@ class LocalExecutor:
     def run(self, jobs: list[Job], on_start: OnStart, on_done: OnDone) -> None:
         for job in jobs:
             on_start(job)
-            on_done(job, execute_trial(job.spec, self.options, job.artifacts, self.registry))
+            on_done(job, execute_trial(job.spec, self.options, job.artifacts, self.registry, job.pruning))
 
 
 def import_ray():
@@ -87,7 +91,8 @@ def plugin_dirs(registry) -> list[str]:
 _WORKER_REGISTRY: dict[tuple, object] = {}
 
 
-def ray_trial(spec: TrialSpec, options: RunOptions, artifacts: str | None, dirs: tuple[str, ...] = ()) -> Outcome:
+def ray_trial(spec: TrialSpec, options: RunOptions, artifacts: str | None, dirs: tuple[str, ...] = (),
+              pruning: Pruning | None = None) -> Outcome:
     """The Ray task: one trial in a worker process (which may run many, one after another).
 
     The worker is a process of its own: it builds its registry once (installed plugins, plus
@@ -106,7 +111,7 @@ def ray_trial(spec: TrialSpec, options: RunOptions, artifacts: str | None, dirs:
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()  # bars from many workers would interleave in the driver's log
     datasets.disable_progress_bars()
-    return execute_trial(spec, options, artifacts, _WORKER_REGISTRY[dirs])
+    return execute_trial(spec, options, artifacts, _WORKER_REGISTRY[dirs], pruning)
 
 
 def _ray_error(exc: BaseException) -> str:
@@ -208,11 +213,12 @@ class RayExecutor:
         )
 
     def run(self, jobs: list[Job], on_start: OnStart, on_done: OnDone) -> None:
+        """Run ``jobs``; called once per search round and once for the final trials (``close`` ends it)."""
         ray = self.ray
         if not jobs:
-            self.close()
             return
         self.prepare(jobs)
+        self.connect()  # a no-op unless the cluster was left since prepare()
         task = ray.remote(ray_trial).options(num_cpus=self.options.cpus_per_trial, num_gpus=self.gpus,
                                              max_retries=0, name="peftbench-trial")
         dirs = tuple(plugin_dirs(self.registry))
@@ -223,7 +229,7 @@ class RayExecutor:
                 while queue and len(running) < self._room(self.gpus):
                     job = queue.pop(0)
                     on_start(job)
-                    running[task.remote(job.spec, self.worker_options, job.artifacts, dirs)] = job
+                    running[task.remote(job.spec, self.worker_options, job.artifacts, dirs, job.pruning)] = job
                 ready, _ = ray.wait(list(running), num_returns=1)
                 for ref in ready:
                     job = running.pop(ref)
@@ -235,7 +241,6 @@ class RayExecutor:
         finally:
             for ref in running:  # interrupted: stop what still runs (its rows stay 'running': a rerun redoes them)
                 ray.cancel(ref, force=True)
-            self.close()
 
     def close(self) -> None:
         """Leave the cluster this executor joined (a local Ray it started stops)."""

@@ -49,6 +49,7 @@ class TrainOutcome:
     planned_steps: int | None = None  # what the schedule allowed
     stopped_early: bool = False  # patience ended training before that
     last_eval_step: int | None = None
+    pruned: bool = False  # the search's pruner stopped it at a validation pass
 
     @property
     def step_time_s(self) -> float | None:
@@ -134,10 +135,14 @@ class _Trainer(Trainer):
 
 
 class _Watch(TrainerCallback):
-    """Early stopping on the validation metric, best trainable state, step times, progress bar."""
+    """Early stopping on the validation metric, best trainable state, step times, progress bar; and
+    for a search trial, ``prune(step, value) -> bool`` asked at each validation pass."""
 
-    def __init__(self, model, primary: str, higher: bool, patience: int | None, bar_desc: str, quiet: bool, device):
+    def __init__(self, model, primary: str, higher: bool, patience: int | None, bar_desc: str, quiet: bool, device,
+                 prune: Callable[[int, float], bool] | None = None):
         self.model, self.key, self.higher, self.patience = model, f"eval_{primary}", higher, patience
+        self.prune = prune
+        self.pruned = False
         self.best: float | None = None
         self.best_step: int | None = None
         self.best_metrics: dict = {}
@@ -191,6 +196,10 @@ class _Watch(TrainerCallback):
             if self.patience and self.bad >= self.patience:
                 control.should_training_stop = True
                 self.stopped_early = state.global_step < state.max_steps
+        if self.prune is not None and not control.should_training_stop and state.global_step < state.max_steps \
+                and self.prune(state.global_step, value):
+            control.should_training_stop = True
+            self.pruned = True
 
     def on_train_end(self, args, state, control, **kwargs):
         if self._bar is not None:
@@ -253,14 +262,17 @@ def training_arguments(cfg: TrainingSpec, lr: float, seed: int, total_steps: int
 
 def train(backbone, data, task, cfg: TrainingSpec, *, lr: float, seed: int, device: torch.device, precision: str,
           metric_fn: Callable[[object], dict], generation_eval: Callable[[object], dict] | None = None,
-          desc: str = "trial", quiet: bool = False) -> tuple[TrainOutcome, _Trainer, _Watch]:
+          desc: str = "trial", quiet: bool = False,
+          prune: Callable[[int, float], bool] | None = None) -> tuple[TrainOutcome, _Trainer, _Watch]:
     """Train ``backbone.model`` (already frozen + injected) and restore its best validation state.
 
-    ``data`` holds tokenized ``train`` and ``validation`` (raw validation for generation tasks).
+    ``data`` holds tokenized ``train`` and ``validation`` (raw validation for generation tasks);
+    ``prune(step, value)``: a search trial's pruner, asked at each validation pass (True stops it).
     """
     model = backbone.model
     total = plan_steps(len(data["train"]), cfg)
-    watch = _Watch(model, task.primary_metric, higher_is_better(task.direction), cfg.patience, desc, quiet, device)
+    watch = _Watch(model, task.primary_metric, higher_is_better(task.direction), cfg.patience, desc, quiet, device,
+                   prune)
     kind = "generation" if generation_eval is not None else "classification"
     with tempfile.TemporaryDirectory(prefix="peftbench-trainer-") as tmp:
         args = training_arguments(cfg, lr, seed, total, device, precision, tmp)
@@ -299,6 +311,7 @@ def train(backbone, data, task, cfg: TrainingSpec, *, lr: float, seed: int, devi
         planned_steps=trainer.state.max_steps,
         stopped_early=watch.stopped_early,
         last_eval_step=watch.last_eval_step,
+        pruned=watch.pruned,
     )
     return outcome, trainer, watch
 

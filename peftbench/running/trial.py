@@ -1,9 +1,11 @@
 """One trial from its spec: load, apply the method, train, evaluate, measure.
 
-``run_trial(spec, options, artifacts, registry)`` depends only on its arguments, so any
-executor (in-process, a Ray worker, every rank under torchrun) can run it; it never touches
+``run_trial(spec, options, artifacts, registry, pruning)`` depends only on its arguments, so
+any executor (in-process, a Ray worker, every rank under torchrun) can run it; it never touches
 the results store. It returns a ``TrialResult`` or raises (``Diverged`` carries what the trial
-got so far). A search trial is selected on validation: it never evaluates on test.
+got so far). A search trial is selected on validation: it never evaluates on test; with
+``pruning`` (its group's study, ``running.search.Pruning``) Optuna's pruner may stop it at a
+validation pass, and it ends done with ``pruned=True`` and its best validation so far.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from peftbench.results.records import TrialResult, TrialSpec
 from peftbench.running.costs import PeakMemory, environment, latency_ratio
 from peftbench.running.distributed import rank_and_world
 from peftbench.running.options import RunOptions
+from peftbench.running.search import Pruning, pruning_callback
 from peftbench.tasks.data import PROMPT, backbone_task_kind, encoded_data, raw_data, task_for
 from peftbench.tasks.task import REFERENCES
 
@@ -79,8 +82,9 @@ def _ranks() -> dict:
     return {"world_size": world} if world > 1 else {}
 
 
-def run_trial(spec: TrialSpec, options: RunOptions, artifacts: str | None, registry) -> TrialResult:
-    """Train and evaluate one trial; return what it measured."""
+def run_trial(spec: TrialSpec, options: RunOptions, artifacts: str | None, registry,
+              pruning: Pruning | None = None) -> TrialResult:
+    """Train and evaluate one trial; return what it measured (``pruning``: search trials only)."""
     from peftbench.running.device import resolve_device, resolve_precision
     from peftbench.running.train import Diverged, curves, train
     from peftbench.tasks.metrics import compute_metrics
@@ -113,7 +117,8 @@ def run_trial(spec: TrialSpec, options: RunOptions, artifacts: str | None, regis
     try:
         outcome, trainer, _ = train(backbone, data, task, cfg, lr=spec.lr, seed=spec.seed, device=device,
                                     precision=precision, metric_fn=metric_fn, generation_eval=generation_eval,
-                                    desc=desc, quiet=options.quiet)
+                                    desc=desc, quiet=options.quiet,
+                                    prune=pruning_callback(pruning) if spec.role == "search" else None)
     except Diverged as exc:
         exc.result = TrialResult(steps=exc.steps, curves=curves(exc.log_history, task.primary_metric),
                                  environment={**environment(device), **_ranks()})
@@ -143,7 +148,7 @@ def run_trial(spec: TrialSpec, options: RunOptions, artifacts: str | None, regis
         environment={**environment(device), "precision": precision, **_ranks()},
         artifacts=str(folder) if folder is not None else None,
         stopped_early=outcome.stopped_early, planned_steps=outcome.planned_steps,
-        last_eval_step=outcome.last_eval_step, chance=chance,
+        last_eval_step=outcome.last_eval_step, chance=chance, pruned=outcome.pruned,
         splits={"validation": f"selects checkpoints{' and search values' if spec.role == 'search' else ''}: "
                               f"{task.origins.get('validation', '')}",
                 **({"test": f"read once, by this final trial: {task.origins.get('test', '')}"}
