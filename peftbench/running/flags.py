@@ -56,6 +56,18 @@ def learning_rates(items: list[str]) -> dict[str, float]:
     return lrs
 
 
+def search_space(items: list[str]) -> dict[str, str]:
+    """``["lr=1e-5:1e-2:log", "alpha=8,16"]`` -> ``{"lr": "1e-5:1e-2:log", "alpha": "8,16"}`` (parsed by the suite)."""
+    space = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise ConfigError(f"--search {item!r}: write PARAM=LOW:HIGH, PARAM=LOW:HIGH:log or PARAM=V1,V2,..., "
+                              f"e.g. --search lr=1e-5:1e-2:log")
+        space[name.strip()] = value.strip()
+    return space
+
+
 @dataclass(frozen=True)
 class Flag:
     """One ``peftbench run`` flag: ``--<name with dashes>``, its argparse options, the suite field it sets."""
@@ -64,7 +76,7 @@ class Flag:
     group: str
     help: str
     target: str | None = None  # dotted suite field; None: read by the runner itself
-    kind: str = "value"  # value | list (repeatable, comma-separated) | limit | lr | switch
+    kind: str = "value"  # value | list (repeatable, comma-separated) | limit | lr | search | switch
     options: dict[str, Any] = field(default_factory=dict)  # type, metavar, choices
 
     @property
@@ -78,11 +90,14 @@ class Flag:
             return None if value == ALL else value
         if self.kind == "lr":
             return learning_rates(value)
+        if self.kind == "search":
+            return search_space(value)
         return value
 
 
-GROUPS = {"grid": "grid (each flag overrides the --config suite)", "training": "training", "output": "output",
-          "executor": "executor"}
+GROUPS = {"grid": "grid (each flag overrides the --config suite)", "training": "training",
+          "search": "search (the same number of trials per method and budget, selected on validation)",
+          "output": "output", "executor": "executor"}
 RAY_INSTALL = 'pip install "peftbench[ray]"'
 
 FLAGS: tuple[Flag, ...] = (
@@ -123,6 +138,17 @@ FLAGS: tuple[Flag, ...] = (
          options={"metavar": "DEV"}),
     Flag("precision", "training", "auto (default): bf16 on CUDA that supports it, fp16 on other CUDA, fp32 elsewhere",
          "training.precision", options={"choices": ["auto", "fp32", "bf16", "fp16"]}),
+    Flag("search_trials", "search", "search trials per (task, backbone, method, budget) before the final seeds, "
+         "which then run at the values selected on validation (default: 0, no search)", "search.trials",
+         options={"type": int, "metavar": "N"}),
+    Flag("search", "search", "a searched parameter, SPEC being LOW:HIGH, LOW:HIGH:log or V1,V2,... (repeatable; "
+         "replaces the default space, lr log-uniform a decade each side of the method's default_lr): lr, a training "
+         "field or a method config field (applied to the methods that have it)", "search.space", "search",
+         {"action": "append", "metavar": "PARAM=SPEC"}),
+    Flag("search_sampler", "search", "Optuna sampler: tpe (default), grid (value lists only) or random",
+         "search.sampler", options={"choices": ["tpe", "grid", "random"]}),
+    Flag("search_pruner", "search", "Optuna pruner on the validation passes: median (default) or none",
+         "search.pruner", options={"choices": ["median", "none"]}),
     Flag("suite", "output", "suite name: results go to OUT/NAME (default: derived from the grid)", "suite",
          options={"metavar": "NAME"}),
     Flag("out", "output", "folder holding the suites (default: reports)", "out", options={"metavar": "DIR"}),

@@ -137,6 +137,33 @@ def _trial(suite_name_: str, task_entry: TaskEntry, task, backbone: str, spec, m
     )
 
 
+def with_values(plan: Plan, spec: TrialSpec, values: dict, registry, **update) -> TrialSpec:
+    """``spec`` at other hyper-parameter values (a search's sampled or selected ones): ``lr``, training
+    fields, method config fields; the budget is solved again when a method field changes, since it
+    may change the size. ``update``: other spec fields (role, search_index, search_params ...)."""
+    from peftbench.budget import solved_config
+    from peftbench.results.records import TrainingSpec
+
+    training = {k: v for k, v in values.items() if k in TrainingSpec.model_fields}
+    fields = {k: v for k, v in values.items() if k != "lr" and k not in training}
+    data = {**spec.model_dump(), "lr": float(values.get("lr", spec.lr)), **update}
+    if training:
+        data["training"] = TrainingSpec(**{**spec.training.model_dump(), **training})
+    if fields:
+        method = registry.method(spec.method)
+        cfg = method.config({**spec.method_config, **fields})
+        budget = None if spec.pinned else spec.budget  # a size the user pinned stays
+        sol = solve(method, cfg, plan.specs[(spec.task.name, spec.backbone)], budget)
+        if not sol.reachable:
+            raise BudgetError(f"{spec.method} at {spec.budget} with {fields}: {sol.note}")
+        cfg = solved_config(method, cfg, sol) if budget else cfg
+        data.update(method_config=cfg.model_dump(mode="json"), knob_value=method.knob_value(cfg) if method.knob else None,
+                    trainable_params=sol.params, stored_params=sol.stored)
+        if budget:
+            data.update(knob_step=sol.step, target_params=sol.target)
+    return TrialSpec(**data)
+
+
 def trial_spec(registry, *, task: TaskEntry, backbone: str, method: str, method_config: dict | None = None,
                seed: int = 0, lr: float | None = None, training=None, budget: str | None = None,
                suite: str = "adhoc", role: str = "final") -> TrialSpec:
@@ -201,6 +228,9 @@ def suite_name(suite: SuiteConfig, registry, all_methods: bool = False) -> str:
     methods = "all" if all_methods else "+".join(e.name for e in suite.method_entries(registry))
     parts = ["+".join(_slug(t.name) for t in suite.tasks), "+".join(_slug(b) for b in suite.backbones),
              _slug(methods), "+".join(_slug(b) for b in suite.budgets)]
+    search = getattr(suite, "search", None)
+    if search is not None and search.trials:  # searched finals are other trials: another folder
+        parts.append(f"search{search.trials}")
     name = "-".join(parts)
     if len(name) > 80:
         name = f"{name[:63]}-{suite.hash()[:16]}"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
@@ -27,6 +28,8 @@ from peftbench.running.executors import Job, import_ray, make_executor
 from peftbench.running.flags import add_run_arguments, command_line, given, overrides_from_args, split_list
 from peftbench.running.options import RunOptions
 from peftbench.running.plan import Plan, finish_suite, make_plan, print_plan
+from peftbench.running.search import active_search
+from peftbench.running.searching import SearchRounds
 from peftbench.running.suite_dir import STORE_FILE, check_suite_dir, open_suite_dir
 
 __all__ = ["add_run_arguments", "main_run", "run_plan", "resolve_suite"]
@@ -34,31 +37,29 @@ __all__ = ["add_run_arguments", "main_run", "run_plan", "resolve_suite"]
 
 # -- executing -------------------------------------------------------------------------------
 def run_plan(plan: Plan, store: Store, suite_dir: Path, executor, quiet: bool = False, artifacts: str | None = None,
-             announce: Callable[[list[str]], None] | None = None) -> dict[str, int]:
-    """Record unreachable trials, run the trials not finished yet; returns counts by status.
+             announce: Callable[[list[str]], None] | None = None, registry=None) -> dict[str, int]:
+    """Record unreachable trials, run the search (if the suite has one) and the final trials not
+    finished yet; returns counts by status (``searched``: search trials done in this run).
 
     ``artifacts``: the folder or URL that holds one folder per trial (default: ``suite_dir/trials``);
-    ``announce(pending_ids)`` is called once the pending trials are known, before any runs.
+    ``announce(pending_ids)`` is called once the pending final trials are known, before they run;
+    ``registry``: the plugins' registry, which a search needs (its spaces and values are the methods').
     """
     from tqdm.auto import tqdm
 
     root = artifacts.rstrip("/") if artifacts else str(suite_dir / "trials")
-    counts = {"skipped": 0, "done": 0, "failed": 0, "diverged": 0, "unreachable": 0}
+    counts = {"skipped": 0, "searched": 0, "done": 0, "failed": 0, "diverged": 0, "unreachable": 0, "waiting": 0}
     for spec in plan.unreachable:
         if not store.is_done(spec.trial_id):
             store.unreachable(spec)
         counts["unreachable"] += 1
-    pending = []
-    for spec in plan.trials:
-        if store.is_done(spec.trial_id):
-            counts["skipped"] += 1
-        else:
-            pending.append(Job(spec, f"{root}/{spec.trial_id}"))
-    executor.prepare(pending)
-    if announce is not None:
-        announce([job.trial_id for job in pending])
-    bar = tqdm(total=len(plan.trials), initial=counts["skipped"], desc=f"suite {plan.name}", position=0,
-               disable=quiet, dynamic_ncols=True, unit="trial")
+    search = active_search(plan.suite)
+    if search is not None and registry is None:
+        raise ConfigError("a suite with a search needs the plugins' registry: run_plan(..., registry=...)")
+    rounds = SearchRounds(plan, store, registry, search, root) if search is not None else None
+    counts["skipped"] = rounds.finished() if rounds else 0
+    bar = tqdm(total=len(plan.trials) + (rounds.total if rounds else 0), initial=counts["skipped"],
+               desc=f"suite {plan.name}", position=0, disable=quiet, dynamic_ncols=True, unit="trial")
 
     def on_start(job: Job) -> None:
         store.start(job.spec)  # refuses a finished trial, so its folder is never cleared below
@@ -68,21 +69,56 @@ def run_plan(plan: Plan, store: Store, suite_dir: Path, executor, quiet: bool = 
     def on_done(job: Job, outcome: Outcome) -> None:
         if outcome.status == "done":
             store.finish(job.trial_id, outcome.result)
-            metric = outcome.result.metrics.get(job.spec.primary_metric)
-            line = f"{job.spec.label}: {job.spec.primary_metric} {metric:.4f}" if metric is not None else job.spec.label
         else:
             store.fail(job.trial_id, outcome.status, outcome.error, outcome.result)
-            line = f"{job.spec.label}: {outcome.status.upper()}: {outcome.error}"
-        counts[outcome.status] += 1
+        search_done = outcome.status == "done" and job.spec.role == "search"
+        counts["searched" if search_done else outcome.status] += 1
         bar.update(1)
         if not quiet:
-            bar.write(line)
+            bar.write(_line(job.spec, outcome))
+
+    def run_jobs(jobs: list[Job]) -> None:
+        executor.prepare(jobs)
+        executor.run(jobs, on_start, on_done)
 
     try:
+        if rounds is not None:
+            rounds.run(run_jobs)
+            finals, waiting = rounds.finals()
+            counts["waiting"] = len(plan.trials) - len(finals.trials)
+            bar.total -= counts["waiting"]
+            plan = finals
+            for line in waiting:
+                bar.write(f"peftbench: {line}", file=sys.stderr)
+        pending = []
+        for spec in plan.trials:
+            if store.is_done(spec.trial_id):
+                counts["skipped"] += 1
+                bar.update(1)
+            else:
+                pending.append(Job(spec, f"{root}/{spec.trial_id}"))
+        executor.prepare(pending)
+        if announce is not None:
+            announce([job.trial_id for job in pending])
         executor.run(pending, on_start, on_done)
     finally:
         bar.close()
     return counts
+
+
+def _line(spec, outcome: Outcome) -> str:
+    """A finished trial in one line: its test metric (final) or validation value (search)."""
+    if outcome.status != "done":
+        return f"{spec.label}: {outcome.status.upper()}: {outcome.error}"
+    result, metric = outcome.result, spec.primary_metric
+    if spec.role == "search":
+        value = result.val_metrics.get(metric)
+        pruned = f" (pruned at step {result.steps})" if result.pruned else ""
+        shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in spec.search_params.items())
+        return (f"{spec.label} #{spec.search_index} {shown}: validation {metric} "
+                f"{'—' if value is None else f'{value:.4f}'}{pruned}")
+    value = result.metrics.get(metric)
+    return f"{spec.label}: {metric} {value:.4f}" if value is not None else spec.label
 
 
 # -- the suite from YAML and flags ----------------------------------------------------------
@@ -165,6 +201,9 @@ def check_run_options(args, suite: SuiteConfig, world: int) -> None:
         raise ConfigError(f"--device {device} with --executor ray: Ray assigns each trial its GPU(s); "
                           f"use --device cuda (or auto) with --gpus-per-trial N")
     if world > 1:
+        if active_search(suite) is not None:
+            raise ConfigError(f"this process is rank {rank_and_world()[0]} of {world} (torchrun/accelerate launch): "
+                              f"a search (--search-trials) runs on one process; use --executor local or ray")
         if suite.executor != "local":
             raise ConfigError(f"this process is rank {rank_and_world()[0]} of {world} (torchrun/accelerate launch): "
                               f"one trial spans the ranks, so --executor must be local (not {suite.executor})")
@@ -190,10 +229,13 @@ def main_run(args) -> int:
     if rank == 0:
         for warning in plan.warnings:  # a size the user pinned: said before any training
             print(f"peftbench: note: {warning}", file=sys.stderr)
+    search = active_search(suite)
+    if search is not None:
+        SearchRounds(plan, None, registry, search, "")  # a space that does not fit fails now, before any folder
     out = Path(suite.out)
     if getattr(args, "dry_run", False):
         if rank == 0:
-            _dry_run(plan, out)
+            _dry_run(plan, out, registry)
         return 0
     if world > 1:
         init_distributed(cpu=resolve_device(options.device).type == "cpu")
@@ -221,7 +263,8 @@ def main_run(args) -> int:
         if artifacts is None and suite.executor != "local":
             artifacts = str((suite_dir / "trials").absolute())  # workers do not share the driver's working folder
         with Store(suite_dir / STORE_FILE, registry=registry) as store:
-            counts = run_plan(plan, store, suite_dir, executor, quiet, artifacts=artifacts, announce=announce)
+            counts = run_plan(plan, store, suite_dir, executor, quiet, artifacts=artifacts, announce=announce,
+                              registry=registry)
             report = write_report(suite_dir, store, registry)
     except BaseException as exc:
         if world > 1 and not announced:  # the other ranks wait for the trial list: tell them to stop
@@ -235,21 +278,36 @@ def main_run(args) -> int:
     if counts["failed"]:
         print(f"{counts['failed']} trial(s) failed; their errors are in the report. Rerun the same command to retry them.",
               file=sys.stderr)
-        return 1
-    return 0
+    if counts["waiting"]:
+        print(f"{counts['waiting']} final trial(s) wait for a search that selected nothing; rerun the same command.",
+              file=sys.stderr)
+    return 1 if counts["failed"] or counts["waiting"] else 0
 
 
-def _dry_run(plan: Plan, out: Path) -> None:
+def _dry_run(plan: Plan, out: Path, registry) -> None:
     store_path = out / plan.name / STORE_FILE
-    done, warning = set(), None
+    done, warning, search, lines = set(), None, active_search(plan.suite), []
     try:
         check_suite_dir(plan, out)
-        if store_path.is_file():
-            with Store(store_path, create=False) as store:
+        with (Store(store_path, create=False) if store_path.is_file() else nullcontext()) as store:
+            if search is not None:  # the finals are known once every group's search has selected its values
+                rounds = SearchRounds(plan, store, registry, search, "")
+                lines = rounds.describe()
+                finals, waiting = rounds.finals()
+                if waiting:
+                    lines.append("final trials: planned at the values the search selects (the lr column above "
+                                 "is the planner's, replaced where lr is searched)")
+                else:
+                    plan = finals
+            if store is not None:
                 done = {t.trial_id for t in plan.trials if store.is_done(t.trial_id)}
     except ConfigError as exc:
         warning = f"note: a real run would stop here: {exc}"
     print_plan(plan, done)
+    if search is not None and not lines:  # the folder is another suite's: the search as planned
+        lines = SearchRounds(plan, None, registry, search, "").describe()
+    if lines:
+        print("\n" + "\n".join(lines))
     if warning:
         print(f"\n{warning}")
 
