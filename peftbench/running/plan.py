@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from peftbench.backbones.backbone import spec_for
-from peftbench.budget import parse_budget, solve
+from peftbench.budget import parse_budget, solve, solved_config
 from peftbench.report.format import table
 from peftbench.errors import BudgetError, ConfigError
 from peftbench.results.records import TrialSpec
@@ -123,8 +123,8 @@ def _pinned(p: Planned, spec, budget: str):
 
 def _trial(suite_name_: str, task_entry: TaskEntry, task, backbone: str, spec, method, cfg, lr: float,
            budget: str | None, sol, seed: int, training, role: str = "final", pinned: bool = False) -> TrialSpec:
-    if budget and sol.value is not None and not pinned:  # the solver's size (and a secondary width it chose)
-        cfg = method.with_knob(method.config(cfg, **sol.updates), sol.value)
+    if budget and not pinned:  # the solver's size (and a secondary width it chose)
+        cfg = solved_config(method, cfg, sol)
     return TrialSpec(
         suite=suite_name_, role=role, task=task_entry, backbone=backbone, method=method.name,
         method_config=cfg.model_dump(mode="json"), budget=budget, seed=seed, lr=lr, training=training,
