@@ -180,3 +180,17 @@ def test_a_method_twice_needs_two_configs(registry):
     with pytest.raises(ConfigError, match=r"methods\.1.*'prefix' is listed twice with the same config"):
         SuiteConfig(methods=[{"name": "prefix", "config": {"n": 3}}, {"name": "prefix-tuning", "config": {"n": 3}}]
                     ).method_entries(registry)
+
+
+def test_a_method_twice_gets_two_variants_in_the_plan(registry, tmp_path):
+    from run_helpers import make_sentiment_csv
+
+    csv = make_sentiment_csv(tmp_path / "d.csv", rows=40)
+    suite = SuiteConfig(tasks=[{"name": f"file:{csv}", "text_columns": ["review"], "label_column": "sentiment"}],
+                        backbones=["minilm"], budgets=["1%"], seeds=1,
+                        methods=["lora", "prefix", {"name": "prefix", "config": {"reparameterize": False}}])
+    by = {t.display: t for t in make_plan(suite, registry).trials}
+    assert set(by) == {"lora", "prefix (defaults)", "prefix (reparameterize=False)"}
+    assert by["prefix (defaults)"].method_config["hidden"] == 43 and by["prefix (defaults)"].knob_value == 20
+    assert by["prefix (reparameterize=False)"].knob_value == 49  # L·2·n·kv_dim = 4,608 n: n=49 at 1%
+    assert by["lora"].variant == "" and len({t.trial_id for t in by.values()}) == 3

@@ -204,7 +204,7 @@ def _method_results(records: list[TrialRecord]) -> list[MethodResult]:
     """One MethodResult per (method, knob, knob value), sorted by name then knob value."""
     by_method: dict[tuple, MethodResult] = {}
     for r in records:
-        key = (r.spec.method, r.spec.knob, r.spec.knob_value)
+        key = (r.spec.display, r.spec.knob, r.spec.knob_value)
         m = by_method.setdefault(key, MethodResult(*key))
         (m.done if r.status == "done" else m.other).append(r)
     methods = sorted(by_method.values(), key=lambda m: (m.method, m.knob_value or 0))

@@ -40,7 +40,7 @@ def build_context(suite_dir: str | Path, store: Store) -> ReportContext:
     records = store.records()
     return ReportContext(
         suite=suite_dir.name, info=read_suite_info(suite_dir), records=records, groups=build_groups(records),
-        suite_dir=suite_dir, colors=colors(sorted({r.spec.method for r in records})),  # one colour per method
+        suite_dir=suite_dir, colors=colors(sorted({r.spec.display for r in records})),  # one colour per method
     )
 
 

@@ -30,10 +30,10 @@ def search_sections(ctx: ReportContext, g: Group) -> list[Section]:
         return []
     table_order = [m.method for m in [*g.finished, *g.methods]]  # the results table's order, then by name
     by_method: dict[str, list[TrialRecord]] = {}
-    for r in sorted(g.searches, key=lambda r: (table_order.index(r.spec.method) if r.spec.method in table_order
-                                                else len(table_order), r.spec.method, r.spec.search_index or 0,
+    for r in sorted(g.searches, key=lambda r: (table_order.index(r.spec.display) if r.spec.display in table_order
+                                                else len(table_order), r.spec.display, r.spec.search_index or 0,
                                                 r.trial_id)):
-        by_method.setdefault(r.spec.method, []).append(r)
+        by_method.setdefault(r.spec.display, []).append(r)
     finals = {name: _chosen_final(g, name) for name in by_method}
     chosen = {name: final.spec.search_params if final else None for name, final in finals.items()}
     at_chosen = {name: _score_at(trials, chosen[name], g.primary) for name, trials in by_method.items()}

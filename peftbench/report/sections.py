@@ -102,7 +102,7 @@ def failures_section(ctx: ReportContext) -> Section:
     bad = sorted((r for r in ctx.records if r.status != "done"), key=_failure_order)
     if not bad:
         return Section("None: every trial finished." if ctx.records else "No trials recorded yet.", **where)
-    rows = [[r.spec.task.name, r.spec.backbone, r.spec.method, r.spec.budget or "—", _seed(r), r.status,
+    rows = [[r.spec.task.name, r.spec.backbone, r.spec.display, r.spec.budget or "—", _seed(r), r.status,
              str(r.attempts), _reason(r)] for r in bad]
     return Section("\n".join(table(["Task", "Backbone", "Method", "Budget", "Seed", "Status", "Attempts", "Reason"],
                                    rows, {4, 6})), **where)

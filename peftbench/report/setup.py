@@ -47,7 +47,7 @@ def setup_section(ctx: ReportContext) -> Section:
     lines += [
         f"- **Tasks:** {_tasks(ctx) or '—'}",
         f"- **Backbones:** {_backbones(finals) or '—'}",
-        f"- **Methods:** {', '.join(sorted({r.spec.method for r in finals})) or '—'}",
+        f"- **Methods:** {', '.join(sorted({r.spec.display for r in finals})) or '—'}",
         f"- **Budgets:** {_budgets(ctx) or '—'}",
         f"- **Budget definition:** {BUDGET_DEFINITION} {SOLVING}",
         f"- **Seeds:** {_seeds(finals)}",

@@ -104,6 +104,7 @@ class TrialSpec(_Frozen):
     matched: bool = Field(True, description="budget-matched: ranked with the others (unreachable or pinned "
                                             "outside the tolerance: ranked apart)")
     note: str = Field("", description="the solver's note (why a budget is unreachable, what it replaced)")
+    variant: str = Field("", description="which of a method's configs, when a suite lists the method twice")
     # -- search ------------------------------------------------------------------------------
     search_index: int | None = Field(None, description="a search trial's number within its group's search")
     search_params: dict[str, Any] = Field(default_factory=dict,
@@ -147,6 +148,11 @@ class TrialSpec(_Frozen):
     @property
     def trial_id(self) -> str:
         return self.config_hash[:16]
+
+    @property
+    def display(self) -> str:
+        """The method's name, with its variant when the suite lists the method twice."""
+        return f"{self.method} ({self.variant})" if self.variant else self.method
 
     @property
     def achieved_pct(self) -> float:

@@ -48,11 +48,15 @@ def make_plan(suite: SuiteConfig, registry) -> Plan:
     if not suite._finished:  # a suite from resolve_suite is finished already
         suite = finish_suite(suite.model_copy(deep=True), registry)
     methods = []
+    twice = {e.name for e in suite.methods if sum(f.name == e.name for f in suite.methods) > 1}
     for entry in suite.methods:
         method = registry.method(entry.name)
         cfg = method.config(entry.config)
+        variant = (", ".join(f"{k}={v}" for k, v in sorted(entry.config.items())) or "defaults") \
+            if entry.name in twice else ""
         methods.append(Planned(method, cfg, learning_rate(method, entry.lr, suite.training.lr),
-                               frozenset(entry.config), method.pinned_fields(entry.config) if method.budgeted else []))
+                               frozenset(entry.config), method.pinned_fields(entry.config) if method.budgeted else [],
+                               variant))
     training = suite.training.spec()
     plan = Plan(suite=suite, name=suite.suite)
     for task_entry in suite.tasks:
@@ -65,7 +69,7 @@ def make_plan(suite: SuiteConfig, registry) -> Plan:
             for seed in suite.seed_list():
                 for p, budget, sol in solved:
                     plan.trials.append(_trial(plan.name, task_entry, task, backbone, spec, p.method, p.cfg, p.lr,
-                                              budget, sol, seed, training, pinned=bool(p.pinned)))
+                                              budget, sol, seed, training, pinned=bool(p.pinned), variant=p.variant))
             plan.warnings += [f"{p.method.name} at {budget}: {sol.note}" for p, budget, sol in solved
                               if p.pinned and budget]
     return plan
@@ -80,6 +84,7 @@ class Planned:
     lr: float
     given: frozenset  # config fields the user wrote
     pinned: list  # size fields among them: the size is the user's, not the solver's
+    variant: str = ""  # which config, when the suite lists the method twice
 
 
 def _solve_all(methods: list[Planned], spec, budgets: list[str], backbone: str) -> list[tuple]:
@@ -122,7 +127,8 @@ def _pinned(p: Planned, spec, budget: str):
 
 
 def _trial(suite_name_: str, task_entry: TaskEntry, task, backbone: str, spec, method, cfg, lr: float,
-           budget: str | None, sol, seed: int, training, role: str = "final", pinned: bool = False) -> TrialSpec:
+           budget: str | None, sol, seed: int, training, role: str = "final", pinned: bool = False,
+           variant: str = "") -> TrialSpec:
     if budget and not pinned:  # the solver's size (and a secondary width it chose)
         cfg = solved_config(method, cfg, sol)
     return TrialSpec(
@@ -133,7 +139,7 @@ def _trial(suite_name_: str, task_entry: TaskEntry, task, backbone: str, spec, m
         knob_step=sol.step,
         target_params=sol.target, trainable_params=sol.params, stored_params=sol.stored,
         head_params=spec.head_params, base_params=spec.base_params, reference=getattr(method, "reference", None),
-        reachable=sol.reachable, pinned=pinned, matched=sol.reachable, note=sol.note,
+        reachable=sol.reachable, pinned=pinned, matched=sol.reachable, note=sol.note, variant=variant,
     )
 
 
