@@ -4,7 +4,7 @@ A suite is YAML (``configs/*.yaml``; ``include:`` other files, relative to the i
 file, merged with later values winning) overridden by command-line flags. Unknown keys are
 errors that name the field path and the file. The defaults are the embedded comparison:
 ``minilm`` on ``movie_sentiment``, every method that declares ``in_default_grid`` (the
-built-in PEFT methods plus full fine-tuning and the head alone), a 1% budget, 3 seeds, and a
+built-in PEFT methods plus full fine-tuning and the head alone), a 0.1% budget, 3 seeds, and a
 training length that finishes on 2 CPU cores in 15 minutes.
 
 The suite's identity (``SuiteConfig.identity``/``hash``) leaves out where and how it runs
@@ -31,7 +31,7 @@ from peftbench.tasks.entry import TaskEntry
 
 DEFAULT_TASK = "movie_sentiment"
 DEFAULT_BACKBONE = "minilm"
-DEFAULT_BUDGET = "1%"
+DEFAULT_BUDGET = "0.1%"
 DEFAULT_SEEDS = 3
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 

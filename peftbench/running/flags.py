@@ -104,7 +104,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("config", "grid", "suite file (configs/*.yaml; include: allowed)", options={"metavar": "SUITE.yaml"}),
     Flag("methods", "grid", "methods or aliases (default: every method of the default grid, full and head included)",
          "methods", "list", {"metavar": "M[,M...]"}),
-    Flag("budget", "grid", "budget(s): a fraction such as 3%% or a count such as 500k (default: 1%%)", "budgets",
+    Flag("budget", "grid", "budget(s): a fraction such as 3%% or a count such as 500k (default: 0.1%%)", "budgets",
          "list", {"metavar": "B[,B...]"}),
     Flag("backbone", "grid", "minilm, smollm2, a local HF folder or a hub id", "backbones", "list",
          {"metavar": "NAME"}),

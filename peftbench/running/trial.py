@@ -170,7 +170,7 @@ def _inference_overhead(name, task, backbone, injection, latency_data, seed, dev
     """Forward time with the method (merged where it can be) over the plain backbone's."""
     from peftbench.running.train import collator
 
-    plain = load_trial_backbone(name, task, seed, device, registry)
+    plain = _plain_backbone(name, task, seed, device, registry)
     batch = collator(backbone.tokenizer, task.kind, plain.model)([latency_data[i] for i in range(len(latency_data))])
     batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
     injection.merge()
@@ -178,8 +178,20 @@ def _inference_overhead(name, task, backbone, injection, latency_data, seed, dev
         ratio, _, _ = latency_ratio(backbone.model, plain.model, batch, device, LATENCY_REPEATS)
     finally:
         injection.unmerge()
-        del plain
     return ratio
+
+
+_PLAIN: dict[tuple, object] = {}
+
+
+def _plain_backbone(name, task, seed, device, registry):
+    """The untouched backbone the latency ratio compares against, loaded once per process and kind
+    (only forward passes run on it, so one copy serves every trial; the last one is kept)."""
+    key = (name, backbone_task_kind(task), max(task.num_labels, 1), str(device), id(registry))
+    if key not in _PLAIN:
+        _PLAIN.clear()
+        _PLAIN[key] = load_trial_backbone(name, task, seed, device, registry)
+    return _PLAIN[key]
 
 
 def _write_logs(directory: Path, log_history: list[dict], trial_curves) -> None:
