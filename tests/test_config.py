@@ -118,7 +118,7 @@ def test_default_yaml_is_the_built_in_default(registry):
     # the default suite is the one that wrote the committed example: the redesign kept its identity
     assert from_flags.hash() == json.loads((ROOT / "reports" / "example" / "suite.json").read_text())["hash"]
     assert from_flags.tasks[0].name == "movie_sentiment" and from_flags.backbones == ["minilm"]
-    assert from_flags.budgets == ["1%"] and from_flags.seed_list() == [0, 1, 2]
+    assert from_flags.budgets == ["0.1%"] and from_flags.seed_list() == [0, 1, 2]
 
 
 def test_example_suite_with_include_resolves(registry):
