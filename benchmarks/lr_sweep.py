@@ -1,7 +1,7 @@
 """Learning-rate sweep behind the methods' declared ``schedule_lr`` (plugins/), selected on VALIDATION accuracy.
 
 For each point of the grid below, every method runs once (seed 0) on the default setup
-(configs/default.yaml: MiniLM, movie_sentiment, 1% budget, 50 steps of 16) through
+(configs/default.yaml: MiniLM, movie_sentiment, its budget, 50 steps of 16) through
 ``peftbench run``; the table printed at the end gives each method's best-checkpoint
 validation accuracy per learning rate (the test accuracy is shown for information only and
 plays no part in the choice). Rerunning resumes: finished trials are skipped.
@@ -28,11 +28,12 @@ GRID: dict[str, list[float]] = {
     "houlsby": [1e-3, 3e-3, 1e-2],
     "pfeiffer": [3e-3, 1e-2, 3e-2],
     "ptuning_v2": [1e-2, 3e-2, 1e-1],
-    # unreachable at 1% of MiniLM with their default widths: swept with a smaller MLP / encoder
+    # their MLP / encoder width is narrowed by the solver to fit the budget
     "prefix": [2e-3, 5e-3, 1.5e-2],
     "ptuning": [1e-3, 3e-3, 1e-2],
+    "prompt": [1e-2, 3e-2, 1e-1],
 }
-CONFIG = {"prefix": "{hidden: 32}", "ptuning": "{hidden: 200}"}
+CONFIG: dict[str, str] = {}  # per-method config overrides (none: the solver sizes every method)
 
 
 def suite_yaml(index: int, out: Path, threads: int) -> str:
