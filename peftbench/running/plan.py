@@ -29,7 +29,6 @@ class Plan:
     suite: SuiteConfig
     name: str
     trials: list[TrialSpec] = field(default_factory=list)  # every trial (unmatched ones at their nearest size)
-    unreachable: list[TrialSpec] = field(default_factory=list)  # recorded, never run (none today)
     warnings: list[str] = field(default_factory=list)  # what the user should know before training (pinned sizes)
     specs: dict = field(default_factory=dict)  # (task, backbone) -> BackboneSpec
 
@@ -250,7 +249,7 @@ def print_plan(plan: Plan, done: set[str] | None = None) -> None:
               f"{spec.base_params:,} parameters without the task head ({spec.head_params:,} in the head)")
     print("budget: a method's trainable parameters / backbone parameters (task head excluded)\n")
     rows, seen = [], {}
-    for t in plan.trials + plan.unreachable:
+    for t in plan.trials:
         key = (t.task.name, t.backbone, t.method, t.budget)
         if key in seen:
             seen[key][-1] += 1
@@ -262,7 +261,7 @@ def print_plan(plan: Plan, done: set[str] | None = None) -> None:
         seen[key] = rows[-1]
     print("\n".join(table(["task", "backbone", "budget", "method", "knob", "trainable", "achieved", "lr", "status",
                            "seeds"], [[str(c) for c in row] for row in rows])))
-    for t in plan.trials + plan.unreachable:
+    for t in plan.trials:
         if t.seed == plan.suite.seed_list()[0] and t.note and t.budget:
             print(f"\n{t.method} at {t.budget}: {t.note}")
     n_done = sum(1 for t in plan.trials if t.trial_id in done)

@@ -38,8 +38,7 @@ __all__ = ["add_run_arguments", "main_run", "run_plan", "resolve_suite"]
 # -- executing -------------------------------------------------------------------------------
 def run_plan(plan: Plan, store: Store, suite_dir: Path, executor, quiet: bool = False, artifacts: str | None = None,
              announce: Callable[[list[str]], None] | None = None, registry=None) -> dict[str, int]:
-    """Record unreachable trials, run the search (if the suite has one) and the final trials not
-    finished yet; returns counts by status (``searched``: search trials done in this run).
+    """Run the search (if the suite has one) and the final trials not finished yet; returns counts by status (``searched``: search trials done in this run).
 
     ``artifacts``: the folder or URL that holds one folder per trial (default: ``suite_dir/trials``);
     ``announce(pending_ids)`` is called once the pending final trials are known, before they run;
@@ -48,11 +47,7 @@ def run_plan(plan: Plan, store: Store, suite_dir: Path, executor, quiet: bool = 
     from tqdm.auto import tqdm
 
     root = artifacts.rstrip("/") if artifacts else str(suite_dir / "trials")
-    counts = {"skipped": 0, "searched": 0, "done": 0, "failed": 0, "diverged": 0, "unreachable": 0, "waiting": 0}
-    for spec in plan.unreachable:
-        if not store.is_done(spec.trial_id):
-            store.unreachable(spec)
-        counts["unreachable"] += 1
+    counts = {"skipped": 0, "searched": 0, "done": 0, "failed": 0, "diverged": 0, "waiting": 0}
     search = active_search(plan.suite)
     if search is not None and registry is None:
         raise ConfigError("a suite with a search needs the plugins' registry: run_plan(..., registry=...)")
@@ -253,7 +248,7 @@ def main_run(args) -> int:
     try:
         if suite.executor == "ray":
             import_ray()
-        if not plan.trials and not plan.unreachable:
+        if not plan.trials:
             raise ConfigError("the grid is empty")
         artifacts = check_artifacts_dir(suite.artifacts_dir) if suite.artifacts_dir else None
         executor = make_executor(suite.executor, options, registry, suite)
