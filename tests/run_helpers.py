@@ -68,3 +68,34 @@ def make_sentiment_csv(path: Path, rows: int = 120, seed: int = 0) -> Path:
             rng.shuffle(words)
             writer.writerow([" ".join(words), "pos" if positive else "neg"])
     return path
+
+
+def kill_9_run_when(argv: list[str], cwd: Path, poll, ready, timeout: float, what: str):
+    """Start ``peftbench run argv`` in a subprocess, SIGKILL it as soon as ``ready(poll())`` holds.
+
+    ``poll()`` reads the store (a process-safe, read-only query); the test fails if the run ends or
+    ``timeout`` seconds pass before that moment (``what`` names it).
+    """
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import pytest
+
+    proc = subprocess.Popen([sys.executable, "-m", "peftbench.running.runner", *argv], cwd=cwd,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + timeout
+    seen = None
+    try:
+        while time.time() < deadline:
+            seen = poll()
+            if ready(seen):
+                return
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            time.sleep(0.05)
+        pytest.fail(f"the run never had {what}: {seen}")
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()

@@ -8,11 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
 import sqlite3
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,7 +21,7 @@ from peftbench.running.options import RunOptions
 from peftbench.running.plan import make_plan
 from peftbench.running.runner import add_run_arguments, main_run, resolve_suite
 from peftbench.results.store import Store
-from run_helpers import make_sentiment_csv, make_tiny_model
+from run_helpers import kill_9_run_when, make_sentiment_csv, make_tiny_model
 
 TRAINING = "seeds: 1\ntraining:\n  threads: 1\n  batch_size: 8\n  eval_batch_size: 32\n  max_length: 40\n  max_steps: 3\n" \
            "  eval_every: 3\n  patience: null\n"
@@ -248,23 +244,9 @@ def test_kill_9_mid_grid_loses_only_the_trial_in_flight(env, tmp_path):
     out = tmp_path / "reports"
     argv = base_args(env, out, "--methods", "head,lora", "--budget", "5%", "--seeds", "2", "--suite", "killed",
                      "--max-steps", "8")
-    proc = subprocess.Popen([sys.executable, "-m", "peftbench.running.runner", *argv], cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     db = out / "killed" / "results.sqlite"
-    deadline = time.time() + 120
-    statuses: list[str] = []
-    try:
-        while time.time() < deadline:
-            statuses = _statuses(db)
-            if statuses.count("done") >= 1 and "running" in statuses:
-                break
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            time.sleep(0.05)
-        else:
-            pytest.fail(f"the run never had a finished and a running trial: {statuses}")
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill_9_run_when(argv, tmp_path, lambda: _statuses(db), lambda s: s.count("done") >= 1 and "running" in s, 120,
+                    "a finished and a running trial")
     killed = {r.trial_id: r for r in rows(out, "killed")}
     done_before = {t: r.finished_at for t, r in killed.items() if r.status == "done"}
     in_flight = [t for t, r in killed.items() if r.status == "running"]

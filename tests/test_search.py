@@ -8,11 +8,7 @@ Trials run for real on test_runner's tiny random BERT and CSV task (a few optimi
 
 from __future__ import annotations
 
-import os
-import signal
 import sqlite3
-import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -25,6 +21,7 @@ from peftbench.running.runner import main_run, resolve_suite
 from peftbench.running.search import (Choice, PastTrial, Pruning, Range, SearchConfig, ask, parse_param,
                                       pruning_callback)
 from test_executors import ray_local  # noqa: F401 - a fixture
+from run_helpers import kill_9_run_when
 from test_runner import base_args, env, parse, rows, run  # noqa: F401 - env is a fixture
 
 GRID = ("--methods", "lora,houlsby", "--budget", "5%,10%", "--seeds", "2")
@@ -93,23 +90,10 @@ def test_search_then_finals_at_the_selected_lr_and_a_rerun_trains_nothing(env, t
 def test_kill_9_during_the_search_then_a_rerun_leaves_n_per_group_none_twice(env, tmp_path):
     out = tmp_path / "reports"
     argv = base_args(env, out, *SEARCH, "--suite", "killed")
-    proc = subprocess.Popen([sys.executable, "-m", "peftbench.running.runner", *argv], cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     db = out / "killed" / "results.sqlite"
-    deadline = time.time() + 180
-    seen: list[tuple] = []
-    try:
-        while time.time() < deadline:
-            seen = _rows(db)
-            if ("search", "done") in seen and ("search", "running") in seen:
-                break
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            time.sleep(0.05)
-        else:
-            pytest.fail(f"the run never had a finished and a running search trial: {seen}")
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill_9_run_when(argv, tmp_path, lambda: _rows(db),
+                    lambda seen: ("search", "done") in seen and ("search", "running") in seen, 180,
+                    "a finished and a running search trial")
     killed = {r.trial_id: r for r in rows(out, "killed")}
     in_flight = [r for r in killed.values() if r.status == "running"]
     assert len(in_flight) == 1 and in_flight[0].spec.role == "search"
