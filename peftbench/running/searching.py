@@ -21,7 +21,6 @@ the lower index). The final seeds are then planned at the selected values, carry
 from __future__ import annotations
 
 import math
-from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -30,7 +29,7 @@ from pydantic import ValidationError
 from peftbench.contract.method import format_validation_error
 from peftbench.errors import ConfigError, PeftbenchError
 from peftbench.report.format import table
-from peftbench.results.records import TrialRecord, TrialSpec, canonical_json
+from peftbench.results.records import TrialRecord, TrialSpec
 from peftbench.running.executors import Job
 from peftbench.running.plan import Plan, with_values
 from peftbench.running.search import (Choice, Param, PastTrial, Pruning, SearchConfig, ask, check_space,
@@ -42,11 +41,9 @@ FINISHED = ("done", "diverged")
 GroupKey = tuple  # (task, backbone, method, budget)
 
 
-def group_key(spec: TrialSpec, searched=()) -> GroupKey:
-    """(task, backbone, method, budget, config): the config without its size knob and the searched
-    fields, since a method may be listed twice with two configs."""
-    config = {k: v for k, v in spec.method_config.items() if k != spec.knob and k not in searched}
-    return (spec.task.name, spec.backbone, spec.method, spec.budget, canonical_json(config))
+def group_key(spec: TrialSpec) -> GroupKey:
+    """(task, backbone, method, budget, variant): the variant tells apart two configs of one method."""
+    return (spec.task.name, spec.backbone, spec.method, spec.budget, spec.variant)
 
 
 @dataclass
@@ -54,7 +51,6 @@ class Group:
     key: GroupKey
     finals: list[TrialSpec]  # the planner's seeds, in order
     space: dict[str, Param]  # empty: no declared parameter applies to this method
-    config: str = ""  # the config that tells it from another entry of the same method (if any)
 
     @property
     def template(self) -> TrialSpec:
@@ -62,7 +58,7 @@ class Group:
 
     @property
     def label(self) -> str:
-        return f"{self.key[2]}{self.config} {self.key[3] or '(no budget)'}"
+        return f"{self.template.display} {self.key[3] or '(no budget)'}"
 
 
 def _value(record: TrialRecord | None) -> float | None:
@@ -99,11 +95,9 @@ class SearchRounds:
         spaces = {name: method_space(config, method) for name, method in methods.items()}
         grouped: dict[GroupKey, list[TrialSpec]] = {}
         for spec in plan.trials:
-            grouped.setdefault(group_key(spec, spaces[spec.method]), []).append(spec)
-        twice = Counter(key[:4] for key in grouped)  # one method listed with two configs: the label says which
-        self.groups = [Group(key, sorted(finals, key=lambda s: s.seed), spaces[key[2]],
-                             f" {key[4]}" if twice[key[:4]] > 1 else "") for key, finals in grouped.items()]
-        self.spaces_by_method = spaces
+            grouped.setdefault(group_key(spec), []).append(spec)
+        self.groups = [Group(key, sorted(finals, key=lambda s: s.seed), spaces[key[2]])
+                       for key, finals in grouped.items()]
         for group in self.groups:
             self._check_values(group)
             points = math.prod(len(p.values) for p in group.space.values()) if config.sampler == "grid" else 0
@@ -114,7 +108,7 @@ class SearchRounds:
         self.found: dict[tuple[GroupKey, int], TrialRecord] = {}
         for record in (store.records(plan.name) if store is not None else []):
             if record.spec.role == "search" and record.spec.search_index is not None:
-                key = (group_key(record.spec, record.spec.search_space), record.spec.search_index)
+                key = (group_key(record.spec), record.spec.search_index)
                 if key not in self.found or _rank(record) > _rank(self.found[key]):
                     self.found[key] = record
 
@@ -175,7 +169,7 @@ class SearchRounds:
             for job in jobs:
                 record = self.store.get(job.trial_id)
                 if record is not None:
-                    self.found[(group_key(job.spec, job.spec.search_space), index)] = record
+                    self.found[(group_key(job.spec), index)] = record
 
     # -- selection -----------------------------------------------------------------------------
     def best(self, group: Group) -> TrialRecord | None:
@@ -200,7 +194,7 @@ class SearchRounds:
         spaces = {group.key: group.space for group in self.searched}
         trials = []
         for spec in self.plan.trials:
-            key = group_key(spec, self.spaces_by_method.get(spec.method, {}))
+            key = group_key(spec)
             if key not in spaces:
                 trials.append(spec)  # nothing declared applies to its method: planned values
             elif selected[key] is not None:
@@ -217,7 +211,7 @@ class SearchRounds:
         lines = [f"search: {config.trials} trial(s) per group x {len(self.searched)} group(s) = {self.total} search "
                  f"trials ({self.finished()} already done), then the final seeds at the values selected on "
                  f"{metric}; {config.describe()}"]
-        rows = [[*(str(k) if k is not None else "—" for k in g.key[:3]), (g.key[3] or "—") + g.config,
+        rows = [[*(str(k) if k is not None else "—" for k in g.key[:2]), g.template.display, g.key[3] or "—",
                  str(config.trials if g.space else 0),
                  describe_space(g.space) or "nothing declared applies: finals at the planned values"]
                 for g in self.groups]
