@@ -114,6 +114,8 @@ FLAGS: tuple[Flag, ...] = (
                                                                                             "metavar": "N"}),
     Flag("text_column", "grid", "file:/hub: tasks: the text column(s)", kind="list", options={"metavar": "COL"}),
     Flag("label_column", "grid", "file:/hub: tasks: the label (or target) column", options={"metavar": "COL"}),
+    Flag("drop_invalid", "grid", "file:/hub: tasks: drop rows without text or label (null, NaN, empty), with a "
+         "warning and counts, instead of stopping with an error naming them", kind="switch"),
     Flag("preset", "training", "a named schedule: converged (20 epochs, early stopping on validation, capped at "
          "3,000 steps); flags and the suite's training section win over it", "preset", options={"metavar": "NAME"}),
     Flag("step_cap", "training", "at most N optimizer steps per trial, however many epochs", "training.step_cap",

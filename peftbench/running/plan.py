@@ -30,6 +30,7 @@ class Plan:
     name: str
     trials: list[TrialSpec] = field(default_factory=list)  # every trial (unmatched ones at their nearest size)
     warnings: list[str] = field(default_factory=list)  # what the user should know before training (pinned sizes)
+    data_warnings: list[str] = field(default_factory=list)  # what the tasks' checks found (dropped rows, thin labels)
     specs: dict = field(default_factory=dict)  # (task, backbone) -> BackboneSpec
 
 
@@ -61,6 +62,7 @@ def make_plan(suite: SuiteConfig, registry) -> Plan:
     for task_entry in suite.tasks:
         task = task_for(task_entry, registry)
         raw_data(task, task_entry, training)  # checks columns and labels now, not mid-grid
+        plan.data_warnings += task.warnings
         for backbone in suite.backbones:
             spec = spec_for(backbone, task=backbone_task_kind(task), num_labels=max(task.num_labels, 1), registry=registry)
             plan.specs[(task_entry.name, backbone)] = spec

@@ -128,11 +128,13 @@ def resolve_suite(args, registry) -> SuiteConfig:
                 if isinstance(item, dict) and "name" in item:
                     known[_canonical(key, item["name"], registry)] = item
             over[key] = [known.get(_canonical(key, n, registry), n) for n in over[key]]
-    if getattr(args, "text_column", None) or getattr(args, "label_column", None):
+    if getattr(args, "text_column", None) or getattr(args, "label_column", None) or getattr(args, "drop_invalid", False):
         tasks = over.get("tasks", base.get("tasks"))
         if not tasks:
-            raise ConfigError("--text-column/--label-column apply to file:/hub: tasks; give one with --task file:PATH")
-        columns = {"text_columns": split_list(args.text_column) or None, "label_column": args.label_column}
+            raise ConfigError("--text-column/--label-column/--drop-invalid apply to file:/hub: tasks; "
+                              "give one with --task file:PATH")
+        columns = {"text_columns": split_list(args.text_column) or None, "label_column": args.label_column,
+                   "drop_invalid": True if getattr(args, "drop_invalid", False) else None}
         columns = {k: v for k, v in columns.items() if v}
         over["tasks"] = [
             merge({"name": t} if isinstance(t, str) else t, columns)
@@ -222,6 +224,8 @@ def main_run(args) -> int:
         resolve_precision(suite.training.precision, resolve_device(options.device))
     plan = make_plan(suite, registry)
     if rank == 0:
+        for warning in plan.data_warnings:  # rows dropped, labels a split lacks: said before any training
+            print(f"peftbench: warning: {warning}", file=sys.stderr)
         for warning in plan.warnings:  # a size the user pinned: said before any training
             print(f"peftbench: note: {warning}", file=sys.stderr)
     search = active_search(suite)
