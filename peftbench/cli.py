@@ -11,7 +11,7 @@ from peftbench import __version__
 from peftbench.errors import PeftbenchError
 from peftbench.report import add_report_arguments, main_report
 from peftbench.report.format import table
-from peftbench.running.flags import split_list
+from peftbench.running.flags import attach_negative_values, split_list
 from peftbench.running.runner import add_run_arguments, main_run
 
 
@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(attach_negative_values(sys.argv[1:] if argv is None else argv))
     try:
         return int(args.func(args) or 0)
     except PeftbenchError as exc:

@@ -10,6 +10,7 @@ Adding a run flag is adding a row.
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 import sys
 from dataclasses import dataclass, field
@@ -26,6 +27,19 @@ def split_list(values) -> list[str]:
     out: list[str] = []
     for v in values or []:
         out.extend(x.strip() for x in str(v).split(",") if x.strip())
+    return out
+
+
+def attach_negative_values(argv: list[str]) -> list[str]:
+    """``--budget -1%`` -> ``--budget=-1%``: argparse takes a value that starts with ``-`` and a digit
+    for an option (and dumps its usage); attached, the value reaches the check that names what is allowed."""
+    out: list[str] = []
+    for word in argv:
+        if (out and re.match(r"^-[\d.]", word) and out[-1].startswith("--") and "=" not in out[-1]
+                and out[-1] != "--"):
+            out[-1] = f"{out[-1]}={word}"
+        else:
+            out.append(word)
     return out
 
 

@@ -58,7 +58,7 @@ def make_plan(suite: SuiteConfig, registry) -> Plan:
                                frozenset(entry.config), method.pinned_fields(entry.config) if method.budgeted else [],
                                variant))
     training = suite.training.spec()
-    plan = Plan(suite=suite, name=suite.suite)
+    plan = Plan(suite=suite, name=suite.suite, warnings=list(suite._notes))
     for task_entry in suite.tasks:
         task = task_for(task_entry, registry)
         raw_data(task, task_entry, training)  # checks columns and labels now, not mid-grid
@@ -201,7 +201,8 @@ def finish_suite(suite: SuiteConfig, registry, name: bool = True) -> SuiteConfig
     if suite._finished:
         return suite
     all_methods = suite.methods is None
-    suite.methods = suite.method_entries(registry)
+    suite.methods = suite.method_entries(registry, suite._notes)
+    suite.budgets = suite.unique_budgets(suite._notes)
     lrs = declared_lrs(registry)
     for key, value in suite.training.lr.items():  # the suite's entries win over the declared ones
         try:

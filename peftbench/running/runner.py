@@ -25,7 +25,8 @@ from peftbench.running.config import SuiteConfig, merge, read_yaml, validate_sui
 from peftbench.running.distributed import broadcast_from_main, init_distributed, rank_and_world
 from peftbench.running.execute import Outcome, execute_trial
 from peftbench.running.executors import Job, import_ray, make_executor
-from peftbench.running.flags import add_run_arguments, command_line, given, overrides_from_args, split_list
+from peftbench.running.flags import (add_run_arguments, attach_negative_values, command_line, given,
+                                     overrides_from_args, split_list)
 from peftbench.running.options import RunOptions
 from peftbench.running.plan import Plan, finish_suite, make_plan, print_plan
 from peftbench.running.search import active_search
@@ -85,12 +86,13 @@ def run_plan(plan: Plan, store: Store, suite_dir: Path, executor, quiet: bool = 
             plan = finals
             for line in waiting:
                 bar.write(f"peftbench: {line}", file=sys.stderr)
-        pending = []
+        pending, queued = [], set()
         for spec in plan.trials:
             if store.is_done(spec.trial_id):
                 counts["skipped"] += 1
                 bar.update(1)
-            else:
+            elif spec.trial_id not in queued:  # a trial listed twice runs once (its folder is cleared once, before)
+                queued.add(spec.trial_id)
                 pending.append(Job(spec, f"{root}/{spec.trial_id}"))
         executor.prepare(pending)
         if announce is not None:
@@ -335,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="peftbench run")
     add_run_arguments(parser)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(attach_negative_values(sys.argv[1:] if argv is None else argv))
     try:
         return main_run(args)
     except PeftbenchError as exc:
