@@ -33,6 +33,8 @@ DEFAULT_TASK = "movie_sentiment"
 DEFAULT_BACKBONE = "minilm"
 DEFAULT_BUDGET = "0.1%"
 DEFAULT_SEEDS = 3
+#: a suite name names a folder (file systems allow 255 bytes; trial folders and files go below it)
+MAX_SUITE_NAME = 100
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
@@ -166,6 +168,9 @@ class SuiteConfig(_Strict):
     def _suite_name(cls, value):
         if value is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", value):
             raise ValueError(f"suite name {value!r} must be a folder name (letters, digits, . _ + -)")
+        if value is not None and len(value) > MAX_SUITE_NAME:
+            raise ValueError(f"suite name is {len(value)} characters long ({value[:20]}...); at most "
+                             f"{MAX_SUITE_NAME} allowed (it names a folder)")
         return value
 
     @model_validator(mode="after")
@@ -278,7 +283,12 @@ def read_yaml(path: str | Path, _stack: tuple[Path, ...] = ()) -> dict:
         where = f" (included from {_stack[-1]})" if _stack else ""
         raise ConfigError(f"suite config {str(path)!r} does not exist{where}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"suite config {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+                          f"{exc.start}); save it as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"suite config {path} cannot be read: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"suite config {path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
