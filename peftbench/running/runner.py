@@ -337,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="peftbench run")
     add_run_arguments(parser)
+    parser.add_argument("--plugins-dir", metavar="DIR", help="also load every *.py plugin module in DIR")
     args = parser.parse_args(attach_negative_values(sys.argv[1:] if argv is None else argv))
     try:
         return main_run(args)
