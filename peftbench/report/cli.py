@@ -63,9 +63,9 @@ def main_report(args, registry=None) -> int:
         from peftbench.contract.registry import get_registry
 
         registry = get_registry(plugins_dir=getattr(args, "plugins_dir", None))
-    # read-only unless the report goes next to the store: a store elsewhere is never written (nor migrated)
-    in_place = target.resolve() == source.resolve()
-    with Store(source / STORE_FILE, create=False, registry=registry, readonly=not in_place) as store:
+    # a suite this process cannot write is read as it lies (never written, nor migrated)
+    readonly = not all(os.access(p, os.W_OK) for p in (source, source / STORE_FILE))
+    with Store(source / STORE_FILE, create=False, registry=registry, readonly=readonly) as store:
         path = write_report(source, store, registry, target)
     print(f"wrote {path}")
     return 0
