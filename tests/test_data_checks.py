@@ -107,3 +107,10 @@ def test_dry_run_refuses_or_warns_before_any_training(tmp_path, capsys):
     assert "peftbench: warning: task" in captured.err and "dropped 1 of 40 lines" in captured.err
     assert "1 trials (0 already done, 1 to run)" in captured.out
     assert not (tmp_path / "out").exists()
+
+
+def test_drop_invalid_needs_a_file_or_hub_task(capsys):
+    assert run_main(["--task", "trec", "--methods", "lora", "--drop-invalid", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("peftbench run: error: --text-column/--label-column/--drop-invalid apply to file:/hub: tasks; give "
+                   "one with --task file:PATH (this grid has trec)")

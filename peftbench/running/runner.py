@@ -132,9 +132,10 @@ def resolve_suite(args, registry) -> SuiteConfig:
             over[key] = [known.get(_canonical(key, n, registry), n) for n in over[key]]
     if getattr(args, "text_column", None) or getattr(args, "label_column", None) or getattr(args, "drop_invalid", False):
         tasks = over.get("tasks", base.get("tasks"))
-        if not tasks:
-            raise ConfigError("--text-column/--label-column/--drop-invalid apply to file:/hub: tasks; "
-                              "give one with --task file:PATH")
+        named = [t if isinstance(t, str) else t.get("name", "") for t in tasks or []]
+        if not any(n.startswith(("file:", "hub:")) for n in named):
+            raise ConfigError("--text-column/--label-column/--drop-invalid apply to file:/hub: tasks; give one with "
+                              f"--task file:PATH (this grid has {', '.join(named) or 'only the default task'})")
         columns = {"text_columns": split_list(args.text_column) or None, "label_column": args.label_column,
                    "drop_invalid": True if getattr(args, "drop_invalid", False) else None}
         columns = {k: v for k, v in columns.items() if v}
