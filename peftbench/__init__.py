@@ -7,6 +7,10 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from peftbench.backbones.bnb_notice import quiet_bitsandbytes
+
+quiet_bitsandbytes()  # before anything (peft included) imports bitsandbytes: its known kernels notice stays out
+
 from peftbench.backbones.backbone import TASK_KINDS, Backbone, BackboneSpec, from_config, load_backbone, spec_for
 from peftbench.budget import Budget, Solution, parse_budget, solve, solve_or_raise
 from peftbench.errors import (

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
+from decimal import Decimal
 
 from peftbench.errors import BudgetError
 
 _SUFFIX = {"": 1, "k": 1_000, "m": 1_000_000, "b": 1_000_000_000}
-_BUDGET = re.compile(r"^\s*(?P<num>\d+(?:\.\d+)?|\.\d+)\s*(?P<unit>%|[kKmMbB])?\s*$")
+_UNIT = {"": "", "k": "k", "m": "M", "b": "B", "%": "%"}  # how a budget's unit is written once normalised
+_BUDGET = re.compile(r"^\s*(?P<num>-?(?:\d+(?:\.\d+)?|\.\d+))\s*(?P<unit>%|[kKmMbB])?\s*$")
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,10 @@ class Budget:
 
 
 def parse_budget(text: str | int | float | Budget) -> Budget:
-    """``3%``, ``0.5%``, ``500k``, ``2M``, ``123456``. A bare ``3`` is ambiguous and refused."""
+    """``3%``, ``0.5%``, ``500k``, ``2M``, ``123456``. A bare ``3`` is ambiguous and refused.
+
+    The text is normalised (``"3 %"`` and ``3.0%`` are ``3%``, ``1.50m`` is ``1.5M``): one budget, one name.
+    """
     if isinstance(text, Budget):
         return text
     raw = str(text)
@@ -44,18 +49,21 @@ def parse_budget(text: str | int | float | Budget) -> Budget:
     if not m:
         raise BudgetError(f"budget {raw!r} is malformed; {allowed}")
     num, unit = float(m["num"]), (m["unit"] or "")
+    text = format(Decimal(m["num"]).normalize(), "f") + _UNIT[unit.lower()]
     if unit == "%":
         if not 0 < num <= 100:
             raise BudgetError(f"budget {raw!r} is out of range; {allowed}")
-        return Budget(raw.strip(), fraction=num / 100)
+        return Budget(text, fraction=num / 100)
     count = num * _SUFFIX[unit.lower()]
+    if count < 0:
+        raise BudgetError(f"budget {raw!r} is out of range; {allowed}")
     if count != int(count) or count < 1:
         raise BudgetError(f"budget {raw!r} is not a whole number of parameters; {allowed}")
     if unit == "" and count < 100:
         raise BudgetError(
             f"budget {raw!r} is ambiguous: write {raw}% for a fraction or a count of parameters (>= 100); {allowed}"
         )
-    return Budget(raw.strip(), count=int(count))
+    return Budget(text, count=int(count))
 
 
 @dataclass

@@ -11,7 +11,7 @@ from peftbench import __version__
 from peftbench.errors import PeftbenchError
 from peftbench.report import add_report_arguments, main_report
 from peftbench.report.format import table
-from peftbench.running.flags import split_list
+from peftbench.running.flags import attach_negative_values, split_list
 from peftbench.running.runner import add_run_arguments, main_run
 
 
@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compare parameter-efficient fine-tuning methods on one backbone under one matched budget.",
     )
     parser.add_argument("--version", action="version", version=f"peftbench {__version__}")
-    parser.add_argument("--plugins-dir", metavar="DIR", help="also load every *.py plugin module in DIR")
+    add_global_options(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("methods", help="list registered methods, their knobs and plugins")
@@ -170,9 +170,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+PLUGINS_DIR_HELP = "also load every *.py plugin module in DIR"
+
+
+def add_global_options(parser: argparse.ArgumentParser, after_command: bool = False) -> None:
+    """The options every command takes; after the command they default to nothing, so one given
+    before it (``peftbench --plugins-dir DIR run``) is kept."""
+    extra = {"default": argparse.SUPPRESS} if after_command else {}
+    parser.add_argument("--plugins-dir", metavar="DIR", help=PLUGINS_DIR_HELP, **extra)
+
+
+def accept_global_options_after_commands(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``peftbench run --plugins-dir DIR`` as well as ``peftbench --plugins-dir DIR run``, for every command."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                add_global_options(command, after_command=True)
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    parser = accept_global_options_after_commands(build_parser())
+    args = parser.parse_args(attach_negative_values(sys.argv[1:] if argv is None else argv))
     try:
         return int(args.func(args) or 0)
     except PeftbenchError as exc:

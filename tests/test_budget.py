@@ -47,6 +47,12 @@ def test_parse_budget(text, fraction, count):
     assert b.count == count
 
 
+@pytest.mark.parametrize("text,normal", [("3 %", "3%"), ("1.0%", "1%"), (" 0.10 % ", "0.1%"), (".5%", "0.5%"),
+                                         ("500K", "500k"), ("2m", "2M"), ("1.50M", "1.5M"), ("123456", "123456")])
+def test_budget_text_is_normalised(text, normal):
+    assert peftbench.parse_budget(text).text == normal
+
+
 @pytest.mark.parametrize("text", ["3", "-1%", "abc", "150%", "0%", "", "1.5", "2.5k5", "0.0001k", "k"])
 def test_malformed_budgets(text):
     with pytest.raises(peftbench.BudgetError, match="allowed: a percentage"):

@@ -62,7 +62,7 @@ def test_solve_every_registered_method_on_minilm(capsys):
 @pytest.mark.parametrize("argv,message", [
     (["solve", "--methods", "lroa"], "unknown method 'lroa'"),
     (["solve", "--budget", "3"], "budget '3' is ambiguous"),
-    (["solve", "--budget=-1%"], "budget '-1%' is malformed"),
+    (["solve", "--budget=-1%"], "budget '-1%' is out of range"),
     (["solve", "--budget", "150%"], "budget '150%' is out of range"),
     (["solve", "--budget", "abc"], "budget 'abc' is malformed"),
     (["solve", "--backbone", "/nonexistent/folder/x", "--no-verify"], "cannot load the config of backbone"),

@@ -96,8 +96,12 @@ def test_lr_flag_must_be_method_equals_value(registry):
 def test_unknown_method_and_duplicates_name_the_entry(registry):
     with pytest.raises(ConfigError, match=r"methods\.1.*unknown method 'lorra'.*did you mean 'lora'"):
         resolve_suite(args("--methods", "head,lorra"), registry)
-    with pytest.raises(ConfigError, match=r"methods\.1.*'houlsby' is listed twice"):
-        resolve_suite(args("--methods", "houlsby,adapter"), registry)
+    suite = resolve_suite(args("--methods", "houlsby,adapter,lora,lora", "--budget", "1%,3 %,1.0%,3%"), registry)
+    assert [e.name for e in suite.methods] == ["houlsby", "lora"] and suite.budgets == ["1%", "3%"]
+    assert suite._notes == ["method 'houlsby' is listed twice ('adapter' is 'houlsby'); it runs once",
+                            "method 'lora' is listed twice; it runs once",
+                            "budget 1% is listed twice; it runs once", "budget 3% is listed twice; it runs once"]
+    assert suite.hash() == resolve_suite(args("--methods", "houlsby,lora", "--budget", "1%,3%"), registry).hash()
 
 
 def test_hash_ignores_how_a_suite_runs_but_not_what_it_computes():
@@ -177,9 +181,14 @@ def test_a_method_twice_needs_two_configs(registry):
     suite = SuiteConfig(methods=[{"name": "prefix"}, {"name": "prefix", "config": {"reparameterize": False}}])
     assert [(e.name, e.config) for e in suite.method_entries(registry)] == [
         ("prefix", {}), ("prefix", {"reparameterize": False})]
-    with pytest.raises(ConfigError, match=r"methods\.1.*'prefix' is listed twice with the same config"):
-        SuiteConfig(methods=[{"name": "prefix", "config": {"n": 3}}, {"name": "prefix-tuning", "config": {"n": 3}}]
-                    ).method_entries(registry)
+    notes = []
+    same = SuiteConfig(methods=[{"name": "prefix", "config": {"n": 3}}, {"name": "prefix-tuning", "config": {"n": 3}}])
+    assert [(e.name, e.config) for e in same.method_entries(registry, notes)] == [("prefix", {"n": 3})]
+    assert notes == ["method 'prefix' is listed twice ('prefix-tuning' is 'prefix'); it runs once"]
+    with pytest.raises(ConfigError, match=r"methods\.1.*'prefix' is listed twice with the same config but with "
+                                          r"learning rates 0.01 and 0.001"):
+        SuiteConfig(methods=[{"name": "prefix", "config": {"n": 3}, "lr": 1e-2},
+                             {"name": "prefix", "config": {"n": 3}, "lr": 1e-3}]).method_entries(registry)
 
 
 def test_a_method_twice_gets_two_variants_in_the_plan(registry, tmp_path):

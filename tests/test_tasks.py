@@ -208,7 +208,8 @@ def test_label_unseen_in_train(tmp_path):
 
 
 def test_empty_split(tmp_path):
-    with pytest.raises(peftbench.ConfigError, match="the validation split is empty"):
+    with pytest.raises(peftbench.ConfigError, match=r"the file is too small for train/validation/test \(4 rows; "
+                                                    r"at least 18 needed"):
         peftbench.get_task(_csv(tmp_path, _table((2, 1, 1))), text_column="sentence", label_column="y")
     table = _table()
     table["split"] = "test"
@@ -227,7 +228,8 @@ def test_empty_split(tmp_path):
 def test_blank_label_cell(tmp_path):
     table = _table()
     table.loc[5, "y"] = ""
-    with pytest.raises(peftbench.ConfigError, match=r"split has rows without a label in 'y'"):
+    with pytest.raises(peftbench.ConfigError, match=r"1 of 100 rows cannot be trained on \(no text or no label\): "
+                                                    r"row 6 \('y' empty\)"):
         peftbench.get_task(_csv(tmp_path, table), text_column="sentence", label_column="y")
 
 

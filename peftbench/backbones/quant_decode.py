@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from peftbench.backbones.bnb_notice import quiet_bitsandbytes
 from peftbench.errors import ConfigError
 
 QUANT_INSTALL = "pip install bitsandbytes"
@@ -17,6 +18,7 @@ QUANT_INSTALL = "pip install bitsandbytes"
 
 def require_bitsandbytes(method: str | None = None):
     """The ``bitsandbytes`` module, or a ConfigError naming the method (when given) and the install."""
+    quiet_bitsandbytes()  # its known optional-kernel notice, not ours to show
     try:
         import bitsandbytes
     except Exception as exc:  # missing (ImportError) or broken install

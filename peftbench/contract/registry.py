@@ -95,6 +95,27 @@ def _blocked() -> set[str]:
     return {n.strip() for n in os.environ.get(DISABLE_ENV, "").split(",") if n.strip()}
 
 
+_WARNED: set[frozenset] = set()
+
+
+def warn_unknown_blocked(known: set[str]) -> str | None:
+    """One stderr line (once per process and set) for names in the block list that no plugin has."""
+    unknown_names = _blocked() - known
+    if not unknown_names or frozenset(unknown_names) in _WARNED:
+        return None
+    _WARNED.add(frozenset(unknown_names))
+    line = (f"peftbench: warning: {DISABLE_ENV} names no plugin called {', '.join(sorted(unknown_names))}; "
+            f"plugins known here: {', '.join(sorted(known)) or '(none)'}")
+    print(line, file=sys.stderr)
+    return line
+
+
+def _entry_point_names() -> set[str]:
+    from importlib.metadata import entry_points
+
+    return {ep.name for ep in entry_points(group=PROJECT)}
+
+
 def _load_dir(pm: pluggy.PluginManager, directory: str | Path) -> None:
     directory = Path(directory)
     if not directory.is_dir():
@@ -128,6 +149,9 @@ def make_manager(plugins_dir: str | Path | None = None, extra: list | None = Non
         if not pm.is_blocked(name):
             pm.register(plugin, name=name)
     pm.check_pending()
+    extras = {getattr(p, "__name__", None) or type(p).__name__ for p in extra or []}
+    stems = {p.stem for p in Path(plugins_dir).glob("*.py")} if plugins_dir else set()
+    warn_unknown_blocked(_entry_point_names() | stems | extras)
     return pm
 
 

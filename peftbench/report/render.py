@@ -29,18 +29,20 @@ def read_suite_info(suite_dir: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
 
 
-def build_context(suite_dir: str | Path, store: Store) -> ReportContext:
-    """Everything the sections read, from the store and ``suite.json``, computed once."""
+def build_context(suite_dir: str | Path, store: Store, out_dir: str | Path | None = None) -> ReportContext:
+    """Everything the sections read, from the store and ``suite.json``, computed once; ``out_dir``:
+    where the report and its plots go (default: the suite folder)."""
     suite_dir = Path(suite_dir)
     records = store.records()
     return ReportContext(
         suite=suite_dir.name, info=read_suite_info(suite_dir), records=records, groups=build_groups(records),
-        suite_dir=suite_dir, colors=colors(sorted({r.spec.display for r in records})),  # one colour per method
+        suite_dir=Path(out_dir) if out_dir is not None else suite_dir,
+        colors=colors(sorted({r.spec.display for r in records})),  # one colour per method
     )
 
 
@@ -54,20 +56,23 @@ def report_sections(context: ReportContext, store: Store, registry) -> list[Sect
     return sections
 
 
-def render(suite_dir: str | Path, store: Store, registry) -> str:
-    """The markdown of the report; writes the plots under ``suite_dir / 'plots'``.
+def render(suite_dir: str | Path, store: Store, registry, out_dir: str | Path | None = None) -> str:
+    """The markdown of the report; writes the plots under ``(out_dir or suite_dir) / 'plots'``.
 
     ``registry`` holds the plugins whose ``report_sections`` hooks add sections.
     """
-    context = build_context(suite_dir, store)
+    context = build_context(suite_dir, store, out_dir)
     return render_sections(report_sections(context, store, registry))
 
 
-def write_report(suite_dir: str | Path, store: Store, registry) -> Path:
-    """Render ``<suite_dir>/report.md`` (and ``plots/*.png``) from the store; returns its path."""
+def write_report(suite_dir: str | Path, store: Store, registry, out_dir: str | Path | None = None) -> Path:
+    """Render ``report.md`` (and ``plots/*.png``) from the store into ``out_dir`` (default: the suite
+    folder, whose ``suite.json`` is read); returns its path."""
     suite_dir = Path(suite_dir)
-    text = render(suite_dir, store, registry)
-    path = suite_dir / "report.md"
+    target = Path(out_dir) if out_dir is not None else suite_dir
+    target.mkdir(parents=True, exist_ok=True)
+    text = render(suite_dir, store, registry, target)
+    path = target / "report.md"
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)  # readers never see half a report

@@ -113,6 +113,36 @@ def _record(row: sqlite3.Row) -> TrialRecord:
     )
 
 
+def unreadable(path: Path, exc: Exception) -> str:
+    """The one-line error for a file that is not a readable results store."""
+    return (f"{path} is not a readable peftbench results store (SQLite: {exc}); nothing was changed; move the "
+            f"file away (or restore it from a copy), or choose another suite with --suite NAME or --out DIR")
+
+
+def _connect_readonly(path: Path) -> sqlite3.Connection:
+    """A read-only connection; a store in a read-only folder (no WAL index can be made) is opened immutable."""
+    uri = path.absolute().as_uri()
+    try:
+        conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, check_same_thread=False)
+        conn.execute("SELECT 1 FROM sqlite_master").fetchone()
+    except sqlite3.OperationalError:
+        conn = sqlite3.connect(f"{uri}?immutable=1", uri=True, check_same_thread=False)
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+def check_store(path: Path) -> None:
+    """An error when the file at ``path`` is not a results store SQLite can read (nothing is written)."""
+    try:
+        conn = _connect_readonly(path)
+        try:
+            conn.execute("SELECT name FROM sqlite_master").fetchall()
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(unreadable(path, exc)) from None
+
+
 class Store:
     """``<out>/<suite>/results.sqlite``. ``create=False`` refuses a missing file.
 
@@ -120,19 +150,35 @@ class Store:
     today's methods declare (their reference-baseline role).
     """
 
-    def __init__(self, path: str | Path, create: bool = True, registry=None):
+    def __init__(self, path: str | Path, create: bool = True, registry=None, readonly: bool = False):
         self.path = Path(path)
-        if not create and not self.path.is_file():
+        if (readonly or not create) and not self.path.is_file():
             raise StoreError(f"no results store at {self.path}")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._conn = sqlite3.connect(self.path, timeout=60, check_same_thread=False, isolation_level=None)
-        self._conn.row_factory = sqlite3.Row
-        self._conn.execute("PRAGMA busy_timeout = 60000")
-        self._conn.execute("PRAGMA journal_mode = WAL")
-        self._conn.execute("PRAGMA synchronous = FULL")  # a finished trial survives a power cut too
-        if self._open_schema(registry):
-            self._conn.execute("VACUUM")  # the old table's pages go back: a migrated store is no larger than needed
+        try:
+            if readonly:
+                self._conn = _connect_readonly(self.path)
+                self._check_readonly()
+                return
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._conn = sqlite3.connect(self.path, timeout=60, check_same_thread=False, isolation_level=None)
+            self._conn.row_factory = sqlite3.Row
+            self._conn.execute("PRAGMA busy_timeout = 60000")
+            self._conn.execute("PRAGMA journal_mode = WAL")
+            self._conn.execute("PRAGMA synchronous = FULL")  # a finished trial survives a power cut too
+            if self._open_schema(registry):
+                self._conn.execute("VACUUM")  # the old table's pages go back: a migrated store is no larger than needed
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(unreadable(self.path, exc)) from None
+
+    def _check_readonly(self) -> None:
+        """A store opened read-only must already hold today's schema (nothing can be migrated)."""
+        row = self._conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        version = int(row[0]) if row else 1
+        if version != SCHEMA_VERSION:
+            raise StoreError(f"{self.path} has schema version {version} and this peftbench reads {SCHEMA_VERSION}; "
+                             f"it is read-only, so it cannot be migrated here: copy the suite folder somewhere "
+                             f"writable and run the command there")
 
     # -- schema --------------------------------------------------------------------------
     def _open_schema(self, registry) -> bool:

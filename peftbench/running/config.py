@@ -33,6 +33,8 @@ DEFAULT_TASK = "movie_sentiment"
 DEFAULT_BACKBONE = "minilm"
 DEFAULT_BUDGET = "0.1%"
 DEFAULT_SEEDS = 3
+#: a suite name names a folder (file systems allow 255 bytes; trial folders and files go below it)
+MAX_SUITE_NAME = 100
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
@@ -127,6 +129,8 @@ class SuiteConfig(_Strict):
                                                           "(running.search); null or 0 trials: none")
     #: set by ``plan.finish_suite`` once names are canonical and learning rates resolved (done once per suite)
     _finished: bool = PrivateAttr(False)
+    #: what ``finish_suite`` changed that the user should hear about (repeats dropped)
+    _notes: list = PrivateAttr(default_factory=list)
 
     @field_validator("tasks", "methods", mode="before")
     @classmethod
@@ -164,6 +168,9 @@ class SuiteConfig(_Strict):
     def _suite_name(cls, value):
         if value is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", value):
             raise ValueError(f"suite name {value!r} must be a folder name (letters, digits, . _ + -)")
+        if value is not None and len(value) > MAX_SUITE_NAME:
+            raise ValueError(f"suite name is {len(value)} characters long ({value[:20]}...); at most "
+                             f"{MAX_SUITE_NAME} allowed (it names a folder)")
         return value
 
     @model_validator(mode="after")
@@ -179,8 +186,11 @@ class SuiteConfig(_Strict):
     def seed_list(self) -> list[int]:
         return list(range(self.seeds)) if isinstance(self.seeds, int) else list(self.seeds)
 
-    def method_entries(self, registry) -> list[MethodEntry]:
-        """Canonical method entries (aliases resolved); ``None`` means the default grid's methods."""
+    def method_entries(self, registry, notes: list[str] | None = None) -> list[MethodEntry]:
+        """Canonical method entries (aliases resolved); ``None`` means the default grid's methods.
+
+        An exact repeat (same method, config and learning rate, maybe through an alias) is dropped,
+        with a line in ``notes``; the same method and config with two learning rates is an error."""
         raw = self.methods if self.methods is not None else [MethodEntry(name=n) for n in default_methods(registry)]
         entries, seen = [], {}
         for i, entry in enumerate(raw):
@@ -190,11 +200,33 @@ class SuiteConfig(_Strict):
                 raise ConfigError(f"field 'methods.{i}': {exc}") from None
             key = (name, canonical_json(entry.config))  # one method twice is fine with two configs (an ablation)
             if key in seen:
-                same = " with the same config" if entry.config else ""
-                raise ConfigError(f"field 'methods.{i}': method {name!r} is listed twice{same} (also methods.{seen[key]})")
+                first = raw[seen[key]]
+                if first.lr != entry.lr:
+                    same = " with the same config" if entry.config else ""
+                    raise ConfigError(f"field 'methods.{i}': method {name!r} is listed twice{same} but with learning "
+                                      f"rates {first.lr} and {entry.lr} (also methods.{seen[key]}); give one")
+                alias = f" ({entry.name!r} is {name!r})" if entry.name != name else ""
+                if notes is not None:
+                    notes.append(f"method {name!r} is listed twice{alias}; it runs once")
+                continue
             seen[key] = i
             entries.append(entry.model_copy(update={"name": name}))
         return entries
+
+    def unique_budgets(self, notes: list[str] | None = None) -> list[str]:
+        """The budgets without repeats (``1%`` and ``1.0%`` are one; ``1M`` and ``1000k`` too), in order."""
+        out, seen = [], {}
+        for text in self.budgets:
+            parsed = parse_budget(text)
+            key = (parsed.fraction, parsed.count)
+            if key in seen:
+                if notes is not None:
+                    notes.append(f"budget {text} is listed twice" + (f" (as {seen[key]})" if seen[key] != text else "")
+                                 + "; it runs once")
+                continue
+            seen[key] = text
+            out.append(text)
+        return out
 
     def identity(self) -> dict:
         """What identifies the suite's results: everything but where and how it runs."""
@@ -251,7 +283,12 @@ def read_yaml(path: str | Path, _stack: tuple[Path, ...] = ()) -> dict:
         where = f" (included from {_stack[-1]})" if _stack else ""
         raise ConfigError(f"suite config {str(path)!r} does not exist{where}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"suite config {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+                          f"{exc.start}); save it as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"suite config {path} cannot be read: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"suite config {path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):

@@ -10,6 +10,7 @@ Adding a run flag is adding a row.
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 import sys
 from dataclasses import dataclass, field
@@ -26,6 +27,19 @@ def split_list(values) -> list[str]:
     out: list[str] = []
     for v in values or []:
         out.extend(x.strip() for x in str(v).split(",") if x.strip())
+    return out
+
+
+def attach_negative_values(argv: list[str]) -> list[str]:
+    """``--budget -1%`` -> ``--budget=-1%``: argparse takes a value that starts with ``-`` and a digit
+    for an option (and dumps its usage); attached, the value reaches the check that names what is allowed."""
+    out: list[str] = []
+    for word in argv:
+        if (out and re.match(r"^-[\d.]", word) and out[-1].startswith("--") and "=" not in out[-1]
+                and out[-1] != "--"):
+            out[-1] = f"{out[-1]}={word}"
+        else:
+            out.append(word)
     return out
 
 
@@ -114,6 +128,8 @@ FLAGS: tuple[Flag, ...] = (
                                                                                             "metavar": "N"}),
     Flag("text_column", "grid", "file:/hub: tasks: the text column(s)", kind="list", options={"metavar": "COL"}),
     Flag("label_column", "grid", "file:/hub: tasks: the label (or target) column", options={"metavar": "COL"}),
+    Flag("drop_invalid", "grid", "file:/hub: tasks: drop rows without text or label (null, NaN, empty), with a "
+         "warning and counts, instead of stopping with an error naming them", kind="switch"),
     Flag("preset", "training", "a named schedule: converged (20 epochs, early stopping on validation, capped at "
          "3,000 steps); flags and the suite's training section win over it", "preset", options={"metavar": "NAME"}),
     Flag("step_cap", "training", "at most N optimizer steps per trial, however many epochs", "training.step_cap",

@@ -30,6 +30,7 @@ class Plan:
     name: str
     trials: list[TrialSpec] = field(default_factory=list)  # every trial (unmatched ones at their nearest size)
     warnings: list[str] = field(default_factory=list)  # what the user should know before training (pinned sizes)
+    data_warnings: list[str] = field(default_factory=list)  # what the tasks' checks found (dropped rows, thin labels)
     specs: dict = field(default_factory=dict)  # (task, backbone) -> BackboneSpec
 
 
@@ -57,10 +58,11 @@ def make_plan(suite: SuiteConfig, registry) -> Plan:
                                frozenset(entry.config), method.pinned_fields(entry.config) if method.budgeted else [],
                                variant))
     training = suite.training.spec()
-    plan = Plan(suite=suite, name=suite.suite)
+    plan = Plan(suite=suite, name=suite.suite, warnings=list(suite._notes))
     for task_entry in suite.tasks:
         task = task_for(task_entry, registry)
         raw_data(task, task_entry, training)  # checks columns and labels now, not mid-grid
+        plan.data_warnings += task.warnings
         for backbone in suite.backbones:
             spec = spec_for(backbone, task=backbone_task_kind(task), num_labels=max(task.num_labels, 1), registry=registry)
             plan.specs[(task_entry.name, backbone)] = spec
@@ -199,7 +201,8 @@ def finish_suite(suite: SuiteConfig, registry, name: bool = True) -> SuiteConfig
     if suite._finished:
         return suite
     all_methods = suite.methods is None
-    suite.methods = suite.method_entries(registry)
+    suite.methods = suite.method_entries(registry, suite._notes)
+    suite.budgets = suite.unique_budgets(suite._notes)
     lrs = declared_lrs(registry)
     for key, value in suite.training.lr.items():  # the suite's entries win over the declared ones
         try:

@@ -25,7 +25,8 @@ from peftbench.running.config import SuiteConfig, merge, read_yaml, validate_sui
 from peftbench.running.distributed import broadcast_from_main, init_distributed, rank_and_world
 from peftbench.running.execute import Outcome, execute_trial
 from peftbench.running.executors import Job, import_ray, make_executor
-from peftbench.running.flags import add_run_arguments, command_line, given, overrides_from_args, split_list
+from peftbench.running.flags import (add_run_arguments, attach_negative_values, command_line, given,
+                                     overrides_from_args, split_list)
 from peftbench.running.options import RunOptions
 from peftbench.running.plan import Plan, finish_suite, make_plan, print_plan
 from peftbench.running.search import active_search
@@ -85,12 +86,13 @@ def run_plan(plan: Plan, store: Store, suite_dir: Path, executor, quiet: bool = 
             plan = finals
             for line in waiting:
                 bar.write(f"peftbench: {line}", file=sys.stderr)
-        pending = []
+        pending, queued = [], set()
         for spec in plan.trials:
             if store.is_done(spec.trial_id):
                 counts["skipped"] += 1
                 bar.update(1)
-            else:
+            elif spec.trial_id not in queued:  # a trial listed twice runs once (its folder is cleared once, before)
+                queued.add(spec.trial_id)
                 pending.append(Job(spec, f"{root}/{spec.trial_id}"))
         executor.prepare(pending)
         if announce is not None:
@@ -128,11 +130,14 @@ def resolve_suite(args, registry) -> SuiteConfig:
                 if isinstance(item, dict) and "name" in item:
                     known[_canonical(key, item["name"], registry)] = item
             over[key] = [known.get(_canonical(key, n, registry), n) for n in over[key]]
-    if getattr(args, "text_column", None) or getattr(args, "label_column", None):
+    if getattr(args, "text_column", None) or getattr(args, "label_column", None) or getattr(args, "drop_invalid", False):
         tasks = over.get("tasks", base.get("tasks"))
-        if not tasks:
-            raise ConfigError("--text-column/--label-column apply to file:/hub: tasks; give one with --task file:PATH")
-        columns = {"text_columns": split_list(args.text_column) or None, "label_column": args.label_column}
+        named = [t if isinstance(t, str) else t.get("name", "") for t in tasks or []]
+        if not any(n.startswith(("file:", "hub:")) for n in named):
+            raise ConfigError("--text-column/--label-column/--drop-invalid apply to file:/hub: tasks; give one with "
+                              f"--task file:PATH (this grid has {', '.join(named) or 'only the default task'})")
+        columns = {"text_columns": split_list(args.text_column) or None, "label_column": args.label_column,
+                   "drop_invalid": True if getattr(args, "drop_invalid", False) else None}
         columns = {k: v for k, v in columns.items() if v}
         over["tasks"] = [
             merge({"name": t} if isinstance(t, str) else t, columns)
@@ -222,6 +227,8 @@ def main_run(args) -> int:
         resolve_precision(suite.training.precision, resolve_device(options.device))
     plan = make_plan(suite, registry)
     if rank == 0:
+        for warning in plan.data_warnings:  # rows dropped, labels a split lacks: said before any training
+            print(f"peftbench: warning: {warning}", file=sys.stderr)
         for warning in plan.warnings:  # a size the user pinned: said before any training
             print(f"peftbench: note: {warning}", file=sys.stderr)
     search = active_search(suite)
@@ -331,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="peftbench run")
     add_run_arguments(parser)
-    args = parser.parse_args(argv)
+    parser.add_argument("--plugins-dir", metavar="DIR", help="also load every *.py plugin module in DIR")
+    args = parser.parse_args(attach_negative_values(sys.argv[1:] if argv is None else argv))
     try:
         return main_run(args)
     except PeftbenchError as exc:

@@ -15,13 +15,14 @@ from importlib import resources
 from pathlib import Path
 
 from peftbench.errors import AssetError, ConfigError
+from peftbench.tasks.checks import check_carved, check_label_values, check_rows
 from peftbench.tasks.task import CARVED, SPLITS, Task, column, quiet_datasets
 
 EVAL_FRACTION = 0.1
 VALIDATION_ALIASES = ("validation", "valid", "dev", "val")
 FILE_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
 COLUMN_OPTIONS = ("text_column", "text_columns", "label_column", "kind", "metrics", "primary_metric",
-                  "direction", "labels", "split_seed", "name")
+                  "direction", "labels", "split_seed", "name", "drop_invalid")
 
 
 # -- packaged ----------------------------------------------------------------------------
@@ -50,12 +51,27 @@ def packaged_meta(name: str) -> dict:
 
 
 # -- carving missing splits ----------------------------------------------------------------
-def carve(ds, names: tuple[str, ...], label_column: str | None, seed: int) -> dict:
-    """Split ``ds`` into ("train", *names): EVAL_FRACTION of each label group per name."""
+def rows_per_label(splits: int) -> int:
+    """The fewest rows a label needs so that each of ``splits`` carved splits gets one and train keeps one."""
+    m = 1
+    while round(EVAL_FRACTION * m) < 1 or m - splits * round(EVAL_FRACTION * m) < 1:
+        m += 1
+    return m
+
+
+def carve(ds, names: tuple[str, ...], label_column: str | None, seed: int, where: str = "the data",
+          source: str = "the train split") -> dict:
+    """Split ``ds`` into ("train", *names): EVAL_FRACTION of each label group per name.
+
+    A label column that cannot be classes (one class, continuous values) and a table too small
+    to give every split a row are errors naming the counts (``where`` names the task, ``source``
+    what ``ds`` is)."""
     import numpy as np
 
     groups: dict[str, list[int]] = {}
     keys = column(ds, label_column) if label_column else [None] * len(ds)
+    if label_column:
+        check_label_values(where, label_column, keys)
     for i, key in enumerate(keys):
         groups.setdefault(str(key), []).append(i)
     rng = np.random.default_rng(seed)
@@ -66,6 +82,8 @@ def carve(ds, names: tuple[str, ...], label_column: str | None, seed: int) -> di
         for k, name in enumerate(names):
             picked[name] += members[k * n:(k + 1) * n]
         picked["train"] += members[len(names) * n:]
+    check_carved(where, source, len(ds), {name: len(idx) for name, idx in picked.items()},
+                 len(groups) if label_column else None, rows_per_label(len(names)))
     with quiet_datasets():
         parts = {name: ds.select(sorted(idx)).flatten_indices() for name, idx in picked.items()}
     for name in names:  # the split says where it came from (the report names which split selected what)
@@ -84,7 +102,8 @@ def _columns(spec: str, options: dict, extra: tuple[str, ...]) -> dict:
     if isinstance(text, str):
         text = tuple(c.strip() for c in text.split(",") if c.strip())
     label = options.get("label_column", "target" if kind == "generation" else "label")
-    fields = dict(name=options.get("name", spec), kind=kind, text_columns=tuple(text), label_column=label)
+    fields = dict(name=options.get("name", spec), kind=kind, text_columns=tuple(text), label_column=label,
+                  drop_invalid=bool(options.get("drop_invalid", False)))
     for key in ("metrics", "primary_metric", "direction", "labels"):
         if key in options:
             value = options[key]
@@ -133,6 +152,12 @@ def file_task(path: str, **options) -> Task:
     if label_for_strata and label_for_strata not in table.columns:
         label_for_strata = None  # prepare() names the missing column
     seed = int(options.get("split_seed", 0))
+    where = f"task {spec!r}"
+    checked = {c: table[c].tolist() for c in (*fields["text_columns"], fields["label_column"]) if c in table.columns}
+    keep, dropped = check_rows(where, checked, label_for_strata, fields["drop_invalid"],
+                               unit="line" if file.suffix.lower() == ".jsonl" else "row")
+    if dropped:
+        table = table.iloc[keep].reset_index(drop=True)
 
     if split_column in table.columns:
         parts = {}
@@ -146,12 +171,13 @@ def file_task(path: str, **options) -> Task:
             raise ConfigError(f"task {spec!r}: the train split is empty (split column {split_column!r})")
         missing = tuple(s for s in ("validation", "test") if s not in parts)
         if missing:
-            parts.update(carve(parts["train"], missing, label_for_strata, seed))
+            parts.update(carve(parts["train"], missing, label_for_strata, seed, where))
     else:
         whole = datasets.Dataset.from_pandas(table, preserve_index=False)
-        parts = carve(whole, ("validation", "test"), label_for_strata, seed)
+        parts = carve(whole, ("validation", "test"), label_for_strata, seed, where, "the file")
     data = datasets.DatasetDict(parts)
     task = Task(builder=partial(_given, data), description=f"local file {file}", **fields)
+    task.warnings += [dropped] if dropped else []
     task.load()  # a local file is cheap: check columns and labels now, where the user asked for it
     return task
 
@@ -197,7 +223,7 @@ def hub_splits(spec: str, name: str, config: str | None, label_column: str | Non
         parts["test"] = test
     missing = tuple(s for s in ("validation", "test") if s not in parts)
     if missing:
-        parts.update(carve(parts["train"], missing, label_column, seed))
+        parts.update(carve(parts["train"], missing, label_column, seed, f"task {spec!r}"))
     return datasets.DatasetDict(parts)
 
 

@@ -18,12 +18,12 @@ column: every target of the same source within its split (E2E has several per in
 
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from peftbench.errors import ConfigError, unknown
+from peftbench.tasks.checks import absent_labels, check_label_values, check_rows, invalid_label
 
 if TYPE_CHECKING:
     import datasets
@@ -55,9 +55,13 @@ class Task:
     primary_metric: str = ""
     direction: str = ""
     description: str = ""
+    #: rows without text or label are dropped (with a warning) instead of refused
+    drop_invalid: bool = False
     _full: Any = field(default=None, init=False, repr=False, compare=False)
     #: where each split came from: the task's own, or carved from train (set at the first load)
     origins: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    #: what the checks found that a user should know before training (dropped rows, labels a split lacks)
+    warnings: list = field(default_factory=list, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         from peftbench.tasks.metrics import DEFAULTS, METRICS
@@ -149,20 +153,34 @@ def _prepare(task: Task, raw) -> "datasets.DatasetDict":
     missing = [s for s in SPLITS if s not in raw]
     if missing:
         raise ConfigError(f"{where}: split(s) {missing} missing; the data has {sorted(raw)}")
+    splits = {}
     for split in SPLITS:
         if len(raw[split]) == 0:
             raise ConfigError(f"{where}: the {split} split is empty")
         columns = raw[split].column_names
-        for column in (*task.text_columns, task.label_column):
-            if column not in columns:
-                raise ConfigError(f"{where}: column {column!r} is not in the {split} split; "
+        for name in (*task.text_columns, task.label_column):
+            if name not in columns:
+                raise ConfigError(f"{where}: column {name!r} is not in the {split} split; "
                                   f"columns there: {', '.join(columns)}")
-    splits = {s: raw[s] for s in SPLITS}
+        splits[split] = _valid_rows(task, split, raw[split])
     if task.kind == "classification":
         splits = _encode_labels(task, splits)
     else:
         splits = {s: _add_references(task, ds) for s, ds in splits.items()}
     return datasets.DatasetDict(splits)
+
+
+def _valid_rows(task: Task, split: str, ds):
+    """``ds`` without rows that lack text or label (``drop_invalid``), else an error naming them."""
+    label = task.label_column if task.kind == "classification" else None
+    values = {name: column(ds, name) for name in dict.fromkeys((*task.text_columns, task.label_column))}
+    keep, dropped = check_rows(f"task {task.name!r}", values, label, task.drop_invalid, f"the {split} split")
+    if dropped is None:
+        return ds
+    task.warnings.append(dropped)
+    if not keep:
+        raise ConfigError(f"task {task.name!r}: the {split} split is empty once its invalid rows are dropped")
+    return ds.select(keep).flatten_indices()
 
 
 def _label_names(task: Task, train) -> tuple[tuple[str, ...], Callable[[Any], str]]:
@@ -186,8 +204,8 @@ def column(ds, name: str) -> list:
 
 
 def _missing(value) -> bool:
-    """None, an empty string (a blank CSV cell) or NaN (a gap pandas filled)."""
-    return value is None or value == "" or (isinstance(value, float) and math.isnan(value))
+    """None, an empty string (a blank CSV cell), NaN (a gap pandas filled) or a missing-value marker."""
+    return invalid_label(value) is not None
 
 
 def _is_number(text: str) -> bool:
@@ -204,13 +222,14 @@ def _encode_labels(task: Task, splits: dict) -> dict:
     where = f"task {task.name!r}"
     names, to_name = _label_names(task, splits["train"])
     index = {name: i for i, name in enumerate(names)}
-    train_names = set()
+    train_names, counts = set(), {}
     for split in SPLITS:
         values = [None if _missing(v) else to_name(v) for v in column(splits[split], task.label_column)]
         if None in values:
             raise ConfigError(f"{where}: the {split} split has rows without a label in {task.label_column!r}")
         found = set(values)
         if split == "train":
+            train_values = values
             outside = found - set(index)
             if outside:
                 raise ConfigError(f"{where}: train has label(s) {sorted(outside)} outside the task's labels "
@@ -224,7 +243,13 @@ def _encode_labels(task: Task, splits: dict) -> dict:
         features[task.label_column] = datasets.ClassLabel(names=list(names))
         splits[split] = splits[split].remove_columns(task.label_column).add_column(
             task.label_column, ids, feature=features[task.label_column])
+        for v in values:
+            counts.setdefault(v, {}).setdefault(split, 0)
+            counts[v][split] += 1
+    check_label_values(where + " (train split)", task.label_column, train_values)  # after: unseen labels say more
     task.labels = names
+    carved = any((splits[s].info.description or "").startswith(CARVED) for s in ("validation", "test"))
+    task.warnings += absent_labels(where, counts, carved)
     return splits
 
 
