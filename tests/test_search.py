@@ -18,8 +18,8 @@ import pytest
 from peftbench.errors import ConfigError
 from peftbench.running.plan import make_plan
 from peftbench.running.runner import main_run, resolve_suite
-from peftbench.running.search import (Choice, PastTrial, Pruning, Range, SearchConfig, ask, parse_param,
-                                      pruning_callback)
+from peftbench.running.search import (Choice, PastTrial, Pruning, Range, SearchConfig, ask, method_space, parse_param,
+                                      pruning_callback, strata)
 from test_executors import ray_local  # noqa: F401 - a fixture
 from run_helpers import kill_9_run_when
 from test_runner import base_args, env, parse, rows, run  # noqa: F401 - env is a fixture
@@ -185,6 +185,28 @@ def test_asking_is_a_function_of_the_seed_the_index_and_the_history():
 
 
 # -- samplers and spaces --------------------------------------------------------------------------
+def test_grid_cuts_a_range_into_strata_so_few_trials_cannot_bunch_up(registry):
+    """3 grid trials over the default lr space: one point per third of the log range, centred on default_lr."""
+    config = SearchConfig(trials=3, sampler="grid")
+    for name in ("lora", "houlsby", "prompt"):
+        method = registry.method(name)
+        c = float(method.default_lr)
+        values = method_space(config, method)["lr"].values
+        assert values == pytest.approx([c / 10 ** (2 / 3), c, c * 10 ** (2 / 3)], rel=1e-3)
+    linear = strata("warmup_ratio", Range(low=0.0, high=0.3), 3)
+    assert linear.values == pytest.approx([0.05, 0.15, 0.25])
+    assert strata("alpha", Range(low=4, high=16), 2).values == [7, 13]
+    told, asked = [], []
+    space = method_space(config, registry.method("lora"))
+    for _ in range(3):
+        values = ask(config, space, "max", told)
+        asked.append(values["lr"])
+        told.append(PastTrial(params=values, state="complete", value=0.5))
+    assert sorted(asked) == sorted(space["lr"].values)  # each stratum once
+    random = method_space(SearchConfig(trials=3), registry.method("lora"))["lr"]
+    assert isinstance(random, Range)  # tpe and random samplers keep the continuous range
+
+
 def test_grid_sampler_visits_each_point_training_and_method_fields(env, tmp_path):
     out = tmp_path / "reports"
     argv = base_args(env, out, "--methods", "lora,houlsby", "--budget", "5%", "--seeds", "1", "--max-steps", "4",
@@ -250,8 +272,8 @@ def test_declared_space_parsing():
     (["--search", "lr=0:1e-2:log"], r"lr=0:1e-2:log: a log range needs LOW > 0"),
     (["--search", "lr=1e-4:1e-2:lin"], r"lr=1e-4:1e-2:lin: write PARAM=LOW:HIGH, PARAM=LOW:HIGH:log or PARAM=V1"),
     (["--search", "lr"], r"--search 'lr': write PARAM=LOW:HIGH"),
-    (["--search-sampler", "grid", "--search", "lr=1e-4:1e-2"], r"grid sampler takes lists of values.*lr is a range"),
-    (["--search-sampler", "grid"], r"grid sampler takes lists of values.*\(the default lr space\)"),
+    (["--search-sampler", "grid", "--search-trials", "3", "--search", "batch_size=8:9"],
+     r"search\.space\.batch_size': the integer range 8:9 has fewer than 3 distinct points for the grid's 3 trials"),
     (["--search", "r=2,4"], r"'r' is the size knob of lora"),
     (["--search", "eval_limit=10,20"], r"'eval_limit' defines the data or the evaluation"),
     (["--search", "warmup_ratio=0:2"], r"search\.space\.warmup_ratio=2.*warmup_ratio.*less than 1"),

@@ -63,7 +63,7 @@ class Range(_Frozen):
 
 
 class Choice(_Frozen):
-    """A list of values (the grid sampler's only kind)."""
+    """A list of values (what the grid sampler samples: a range is first cut into points, see ``strata``)."""
 
     values: list[Scalar] = Field(min_length=1)
 
@@ -158,12 +158,10 @@ class SearchConfig(BaseModel):
     def _grid(self):
         if self.sampler != "grid" or not self.trials:
             return self
-        ranges = [name for name, p in (self.space or {"lr": None}).items() if not isinstance(p, Choice)]
-        if ranges:
-            raise ValueError(f"the grid sampler takes lists of values (PARAM=V1,V2,...); "
-                             f"{', '.join(ranges)} {'is a range' if len(ranges) == 1 else 'are ranges'}"
-                             f"{' (the default lr space)' if self.space is None else ''}")
-        points = math.prod(len(p.values) for p in self.space.values())
+        lists = [p for p in (self.space or {"lr": None}).values() if isinstance(p, Choice)]
+        if len(lists) < len(self.space or {"lr": None}):  # a range becomes ``trials`` points: enough on its own
+            return self
+        points = math.prod(len(p.values) for p in lists)
         if self.trials > points:
             raise ValueError(f"the grid has {points} point(s), fewer than the {self.trials} search trials asked for; "
                              f"give --search-trials {points} or more values")
@@ -206,6 +204,35 @@ def _typed(name: str, param: Param, integer: bool) -> Param:
 
 def method_space(config: SearchConfig, method) -> dict[str, Param]:
     """The space a method searches: the declared params that apply to it, typed (ints stay ints)."""
+    space = _declared_space(config, method)
+    if config.sampler != "grid":
+        return space
+    return {name: strata(name, p, config.trials) if isinstance(p, Range) else p for name, p in space.items()}
+
+
+def strata(name: str, param: Range, n: int) -> Choice:
+    """A range cut into ``n`` equal strata (in log space for a log range), each represented by its midpoint.
+
+    With 3 trials over lr in [c/10, 10c] (log): c/10^(2/3), c, 10^(2/3)c. Unlike n random draws,
+    the points cannot bunch up: each trial covers its own n-th of the range. Integer ranges are
+    rounded; one that has fewer than ``n`` distinct integers is refused.
+    """
+    low, high = float(param.low), float(param.high)
+    if param.log:
+        values = [low * (high / low) ** ((i + 0.5) / n) for i in range(n)]
+    else:
+        values = [low + (high - low) * (i + 0.5) / n for i in range(n)]
+    if isinstance(param.low, int):
+        values = list(dict.fromkeys(int(round(v)) for v in values))
+        if len(values) < n:
+            raise ConfigError(f"field 'search.space.{name}': the integer range {param.text()} has fewer than "
+                              f"{n} distinct points for the grid's {n} trials; widen it or list values")
+    else:
+        values = [float(f"{v:.4g}") for v in values]
+    return Choice(values=values)
+
+
+def _declared_space(config: SearchConfig, method) -> dict[str, Param]:
     if config.space is None:
         centre = float(method.default_lr)
         return {"lr": Range(low=centre / 10, high=centre * 10, log=True)}
