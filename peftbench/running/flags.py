@@ -161,7 +161,8 @@ FLAGS: tuple[Flag, ...] = (
          "replaces the default space, lr log-uniform a decade each side of the method's default_lr): lr, a training "
          "field or a method config field (applied to the methods that have it)", "search.space", "search",
          {"action": "append", "metavar": "PARAM=SPEC"}),
-    Flag("search_sampler", "search", "Optuna sampler: tpe (default), grid (value lists; a range is cut into one point per trial, the midpoints of equal strata) or random",
+    Flag("search_sampler", "search", "Optuna sampler: tpe (default), grid (value lists; a range is cut into "
+         "one point per trial, the midpoints of equal strata) or random",
          "search.sampler", options={"choices": ["tpe", "grid", "random"]}),
     Flag("search_pruner", "search", "Optuna pruner on the validation passes: median (default) or none",
          "search.pruner", options={"choices": ["median", "none"]}),
