@@ -10,7 +10,7 @@ The class attributes below are what the core asks of a method; it never names on
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -34,6 +34,16 @@ def format_validation_error(prefix: str, exc: ValidationError) -> str:
         got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
         parts.append(f"{prefix}field {path!r}: {err['msg']}{got}")
     return "; ".join(parts)
+
+
+class PeftAdapter(NamedTuple):
+    """An injection in peft's saved format (``Method.peft_adapter``): ``config`` holds the method's
+    ``adapter_config.json`` fields (``peft_type``, ``r``, ``target_modules`` as module paths, ...);
+    ``tensors`` its weights under peft's names, relative to the model (``<module path>.lora_A.weight``).
+    The exporter adds the task type, the head (``modules_to_save``) and the base model."""
+
+    config: dict[str, Any]
+    tensors: dict[str, Any]
 
 
 class Method:
@@ -71,6 +81,9 @@ class Method:
     #: with the knob when the knob alone cannot reach a budget; ``secondary_values`` lists its
     #: candidates, largest first. None: the method has none
     secondary: ClassVar[str | None] = None
+    #: ``Injection.merge()`` folds everything the method adds into the backbone's own weights, so
+    #: the merged model is a plain transformers checkpoint (``peftbench export --format merged``)
+    mergeable: ClassVar[bool] = False
 
     # -- configs ---------------------------------------------------------------------------
     def config(self, values: dict[str, Any] | MethodConfig | None = None, **overrides) -> MethodConfig:
@@ -132,6 +145,11 @@ class Method:
         Call ``peftbench.apply(method, backbone, cfg)``, not this: it does the rest.
         """
         raise NotImplementedError
+
+    def peft_adapter(self, injection: "Injection") -> PeftAdapter | None:
+        """The trained ``injection`` in peft's format (``peftbench export --format peft``), or None when
+        peft has no equivalent of the method (the default)."""
+        return None
 
     def describe(self) -> dict[str, Any]:
         return {
