@@ -1,0 +1,188 @@
+"""``export``: a trained adapter in the field's formats, checked against peftbench's own outputs.
+
+- ``merged``: a plain transformers folder (config with ``id2label``, safetensors weights, tokenizer)
+  that ``AutoModelForSequenceClassification.from_pretrained(DIR)`` (``AutoModelForCausalLM`` for a
+  generative trial) loads without peftbench; for methods whose ``merge()`` folds everything into the
+  base weights (``Method.mergeable``).
+- ``peft``: ``adapter_config.json`` + ``adapter_model.safetensors`` under peft's names (the method's
+  ``Method.peft_adapter``), the task head in ``modules_to_save``, the base model in ``DIR/base``
+  (``base_model_name_or_path`` is its absolute path, so it loads offline), the tokenizer beside it:
+  ``peft.AutoPeftModelForSequenceClassification.from_pretrained(DIR)`` loads it.
+
+Both are written to a temporary folder, loaded back from disk by transformers (or peft) and compared
+with peftbench's outputs on a few texts; only a folder within ``tolerance`` becomes ``DIR``.
+``peftbench.json`` beside them records what it is (method, config, backbone and its weights' hash,
+labels, format versions): ``peftbench.load(DIR)`` reads it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from peftbench.errors import ConfigError
+from peftbench.using.load import EXPORT_FORMAT_VERSION, EXPORT_FORMATS
+from peftbench.using.locate import EXPORT_META
+from peftbench.using.model import Model
+
+#: texts the exported model is checked on (any text works: the check compares two computations)
+CHECK_TEXTS = ("a quietly moving film with a superb cast", "dull, loud and far too long",
+               "What is the tallest mountain in Africa?", "WIN a free prize now, reply YES to claim")
+BASE = "base"
+PEFT_TASK_TYPES = {"classification": "SEQ_CLS", "generation": "CAUSAL_LM"}
+
+
+def _auto(kind: str):
+    import transformers
+
+    return transformers.AutoModelForCausalLM if kind == "generation" else transformers.AutoModelForSequenceClassification
+
+
+@torch.no_grad()
+def outputs(model: torch.nn.Module, tokenizer, texts, max_length: int) -> torch.Tensor:
+    """Logits of ``model`` on ``texts`` (a classifier's, or a causal LM's per position), float32 on CPU."""
+    device = next(model.parameters()).device
+    texts = list(texts)
+    args = ([a for a, _ in texts], [b for _, b in texts]) if isinstance(texts[0], tuple) else (texts,)
+    enc = tokenizer(*args, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+    enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    model.eval()
+    return model(**enc).logits.float().cpu()
+
+
+def plain_state(model: torch.nn.Module, plain_keys: list[str]) -> dict[str, torch.Tensor]:
+    """The injected model's tensors under a plain model's names: a replaced module keeps the original
+    as ``base_layer``, so ``x.base_layer.weight`` is the plain ``x.weight``; the method's own are left."""
+    state = {}
+    for name, tensor in model.state_dict().items():
+        plain = name.replace(".base_layer.", ".")
+        if plain in plain_keys and (plain == name or plain not in state):
+            state[plain] = tensor.detach().to("cpu").clone()
+    return state
+
+
+def plain_model(model: Model) -> torch.nn.Module:
+    """A new transformers model of the backbone's class holding the injected model's base weights
+    (merged, if the caller merged), the head included; its config names the labels."""
+    config = copy.deepcopy(model.model.config)
+    if model.kind == "classification":
+        config.id2label = dict(enumerate(model.labels))
+        config.label2id = {label: i for i, label in enumerate(model.labels)}
+    plain = _auto(model.kind).from_config(config)
+    keys = list(plain.state_dict())
+    state = plain_state(model.model, keys)
+    missing = sorted(set(keys) - set(state))
+    if missing:
+        raise ConfigError(f"the injected model has no plain tensor for {missing[:5]}: cannot rebuild the backbone")
+    plain.load_state_dict(state, strict=True)
+    return plain.eval()
+
+
+def _meta(model: Model, fmt: str, diff: float) -> dict:
+    keep = ("method", "config", "backbone", "model_type", "backbone_sha256", "task", "text_columns", "trial_id")
+    return {"export_format": fmt, "export_format_version": EXPORT_FORMAT_VERSION,
+            **{k: model.meta[k] for k in keep if k in model.meta},
+            "adapter_format_version": model.meta.get("format_version", 0), "task_kind": model.kind,
+            "labels": list(model.labels), "num_labels": len(model.labels), "max_length": model.max_length,
+            "max_abs_logit_diff": diff, "source": model.source}
+
+
+def _write_merged(model: Model, folder: Path) -> None:
+    model.injection.merge()
+    try:
+        plain = plain_model(model)
+    finally:
+        model.injection.unmerge()
+    plain.save_pretrained(folder)
+    model.tokenizer.save_pretrained(folder)
+
+
+def _write_peft(model: Model, folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    method = model.injection.method
+    adapter = method.peft_adapter(model.injection)
+    if adapter is None:
+        raise ConfigError(f"method {method.name!r} has no peft equivalent (its peft_adapter gives none): "
+                          f"export it with --format merged if it merges, else use peftbench.load")
+    plain = plain_model(model)  # the unmerged base, with the trained head
+    plain.save_pretrained(folder / BASE)
+    model.tokenizer.save_pretrained(folder / BASE)
+    model.tokenizer.save_pretrained(folder)
+    head = {name: p.detach().cpu().contiguous() for name, p in model.backbone.head_parameters().items()}
+    config = {**adapter.config, "task_type": PEFT_TASK_TYPES[model.kind], "inference_mode": True,
+              "base_model_name_or_path": str((folder / BASE).resolve())}
+    if head:
+        config["modules_to_save"] = sorted({name.split(".")[0] for name in head})
+    tensors = {f"base_model.model.{k}": torch.as_tensor(v).detach().cpu().contiguous()
+               for k, v in {**adapter.tensors, **head}.items()}
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _load_back(folder: Path, fmt: str, kind: str) -> torch.nn.Module:
+    if fmt == "merged":
+        return _auto(kind).from_pretrained(folder)
+    try:
+        import peft
+    except ImportError:
+        raise ConfigError("--format peft checks the export by loading it with peft, which is not installed: "
+                          "pip install peft") from None
+    auto = peft.AutoPeftModelForCausalLM if kind == "generation" else peft.AutoPeftModelForSequenceClassification
+    return auto.from_pretrained(folder)
+
+
+def _retarget(folder: Path) -> None:
+    """Point a peft export's base_model_name_or_path at the folder's final place."""
+    path = folder / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config["base_model_name_or_path"] = str((folder / BASE).resolve())
+    path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def export(model: Model, out: str | Path, fmt: str = "merged", *, tolerance: float = 1e-4,
+           texts=CHECK_TEXTS) -> dict:
+    """Write ``model`` (loaded from a trial) to ``out`` as ``fmt``; return what ``peftbench.json`` records
+    (``max_abs_logit_diff``: exported against peftbench on ``texts``, at most ``tolerance``)."""
+    from peftbench.backbones.backbone import quiet_transformers
+
+    if fmt not in EXPORT_FORMATS:
+        raise ConfigError(f"export format {fmt!r} is unknown; allowed: {', '.join(EXPORT_FORMATS)}")
+    if model.injection is None:
+        raise ConfigError(f"export takes a model loaded from a trial; {model.source} is already an export")
+    method = model.injection.method
+    if fmt == "merged" and not method.mergeable:
+        raise ConfigError(f"method {method.name!r} cannot merge into the backbone's weights (it keeps its own "
+                          f"modules or hooks): export it with --format peft where peft has it, else use peftbench.load")
+    out = Path(out).expanduser().absolute()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"--out {out} exists and is not an empty folder: choose a new folder")
+    if model.meta.get("text_columns") and len(model.meta["text_columns"]) == 2:
+        texts = [(t, t.lower()) for t in texts]  # a sentence-pair task is checked on pairs
+    quiet_transformers()
+    reference = outputs(model.model, model.tokenizer, texts, model.max_length)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        (_write_merged if fmt == "merged" else _write_peft)(model, tmp)
+        loaded = _load_back(tmp, fmt, model.kind)
+        diff = float((outputs(loaded, model.tokenizer, texts, model.max_length) - reference).abs().max())
+        if not diff <= tolerance:
+            raise ConfigError(f"the {fmt} export computes other logits than peftbench (max |diff| {diff:.3g} > "
+                              f"{tolerance:g}); nothing was written to {out}")
+        meta = _meta(model, fmt, diff)
+        (tmp / EXPORT_META).write_text(json.dumps(meta, indent=2) + "\n")
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if fmt == "peft":
+        _retarget(out)
+    return meta
