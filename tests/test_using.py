@@ -1,0 +1,308 @@
+"""Using a trained adapter: ``peftbench.load`` -> predict, the predict/export commands, the safety checks
+on loading, and exports that transformers and peft load (checked numerically, in a fresh interpreter
+that cannot import peftbench).
+
+One suite is trained once for the module (a tiny random BERT folder, a synthetic CSV task whose labels
+are ``neg``/``pos``, three optimizer steps per trial): LoRA and Houlsby, seed 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import peftbench
+from peftbench.cli import main
+from peftbench.errors import ConfigError
+from peftbench.running.runner import add_run_arguments, main_run
+from peftbench.using.export import CHECK_TEXTS, export
+from run_helpers import make_sentiment_csv, make_tiny_model
+
+TRAINING = "seeds: 1\ntraining:\n  threads: 1\n  batch_size: 8\n  eval_batch_size: 32\n  max_length: 40\n" \
+           "  max_steps: 3\n  eval_every: 3\n  patience: null\n"
+TEXTS = ["the film was superb", "a dull and boring plot", "great acting", "weak"]
+REGISTRY = peftbench.get_registry()
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory):
+    root = tmp_path_factory.mktemp("using")
+    model = make_tiny_model(root / "tiny-bert")
+    data = make_sentiment_csv(root / "reviews.csv", rows=48)
+    (root / "fast.yaml").write_text(TRAINING)
+    parser = argparse.ArgumentParser()
+    add_run_arguments(parser)
+    args = parser.parse_args(["--config", str(root / "fast.yaml"), "--backbone", str(model), "--task",
+                              f"file:{data}", "--text-column", "review", "--label-column", "sentiment",
+                              "--methods", "lora,houlsby", "--budget", "5%", "--out", str(root / "out"),
+                              "--suite", "s", "--quiet"])
+    assert main_run(args) == 0
+    return {"root": root, "dir": root / "out" / "s", "model": model}
+
+
+def adapter_dir(suite, method: str) -> Path:
+    from peftbench.using.locate import find_trial, trial_adapter
+
+    return trial_adapter(suite["dir"], find_trial(suite["dir"], method, registry=REGISTRY))
+
+
+def big_deltas(model, seed: int = 0) -> None:
+    """Give the method's weights values far from their init, so an export that dropped them would show."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.injection.named_parameters().values():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+
+
+def fresh_python(code: str) -> dict:
+    """Run ``code`` in a new interpreter where importing peftbench (or its plugins) fails; its last line of
+    stdout is JSON."""
+    guard = "import sys; sys.modules['peftbench'] = None; sys.modules['peftbench_plugins'] = None\n"
+    out = subprocess.run([sys.executable, "-c", guard + code], capture_output=True, text=True, timeout=300,
+                         env={"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+LOGITS = """
+import json, torch
+tok = AutoTokenizer.from_pretrained(DIR)
+enc = tok({texts!r}, padding=True, truncation=True, max_length=40, return_tensors="pt")
+with torch.no_grad():
+    logits = model(**enc).logits
+print(json.dumps({{"logits": logits.tolist(), "id2label": getattr(model.config, "id2label", None)}}))
+"""
+
+
+# -- load and predict ------------------------------------------------------------------------
+def test_load_names_labels_and_matches_the_trial_rebuilt_by_hand(suite):
+    model = peftbench.load(suite["dir"], method="lora")
+    assert model.labels == ("neg", "pos") and model.kind == "classification"
+    preds = model.predict(TEXTS)
+    assert [p.label in ("neg", "pos") for p in preds] == [True] * len(TEXTS)
+    for p in preds:
+        assert abs(sum(p.probs.values()) - 1) < 1e-5 and p.score == max(p.probs.values())
+    # the same adapter reached by its trial folder and its adapter folder
+    adapter = adapter_dir(suite, "lora")
+    for path in (adapter.parent, adapter):
+        assert torch.equal(peftbench.load(path).logits(TEXTS), model.logits(TEXTS))
+    # by hand: backbone, the saved injection (method, config, weights, head) -> the same logits
+    backbone = peftbench.load_backbone(str(suite["model"]), num_labels=2, registry=REGISTRY)
+    plain = model.logits(TEXTS)
+    injection = peftbench.load_injection(backbone, adapter, REGISTRY)
+    enc = model.tokenizer(TEXTS, padding=True, truncation=True, max_length=40, return_tensors="pt")
+    with torch.no_grad():
+        by_hand = backbone.model(**enc).logits
+    assert torch.allclose(by_hand, plain, atol=1e-6)
+    injection.remove()
+    with torch.no_grad():
+        without = backbone.model(**enc).logits  # the saved head alone, no adapter: the adapter mattered
+    assert (without - plain).abs().max() > 1e-6
+
+
+def test_generate_on_a_classifier_and_predict_one_string_are_clear_errors(suite):
+    model = peftbench.load(suite["dir"], method="houlsby")
+    with pytest.raises(ConfigError, match="generate\\(\\) needs a generation model"):
+        model.generate(["x"])
+    with pytest.raises(ConfigError, match="not one string"):
+        model.predict("one text")
+
+
+# -- the command line --------------------------------------------------------------------------
+def test_predict_command_texts_file_and_out(suite, tmp_path, capsys):
+    assert main(["predict", str(suite["dir"]), "--method", "lora", "--seed", "0", *TEXTS[:2]]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    expected = peftbench.load(suite["dir"], method="lora").predict(TEXTS[:2])
+    assert [line.split("\t") for line in lines] == [[p.label, f"{p.score:.4f}", t] for p, t in zip(expected, TEXTS[:2])]
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"id": i, "review": t}) + "\n" for i, t in enumerate(TEXTS)))
+    assert main(["predict", str(suite["dir"]), "--method", "lora", "--file", str(src), "--text-column", "review",
+                 "--out", str(tmp_path / "preds.csv")]) == 0
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "preds.csv")))
+    assert [r["id"] for r in rows] == ["0", "1", "2", "3"]
+    assert [r["label"] for r in rows] == [p.label for p in peftbench.load(suite["dir"], method="lora").predict(TEXTS)]
+    assert set(rows[0]) == {"id", "review", "label", "score", "prob_neg", "prob_pos"}
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--method", "lora", "--seed", "7", "x"], "no finished trial of method 'lora' has seed 7; it has: 0"),
+    (["--method", "lora", "--budget", "1%", "x"], "no finished trial of method 'lora' has budget '1%'; it has: 5%"),
+    (["--method", "prefix", "x"], "has no trial of method 'prefix'; it has: houlsby, lora"),
+    (["--method", "lroa", "x"], "unknown method 'lroa' (did you mean 'lora'?)"),
+    (["x"], "is a suite folder: name the trial's method"),
+    (["--method", "lora", "--file", "in.txt"], "allowed kinds are .csv, .jsonl"),
+    (["--method", "lora"], "nothing to predict"),
+])
+def test_predict_bad_input_is_one_clear_line(suite, argv, message, capsys):
+    assert main(["predict", str(suite["dir"]), *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_export_of_a_method_that_cannot_merge_is_refused(suite, tmp_path, capsys):
+    out = tmp_path / "h"
+    assert main(["export", str(suite["dir"]), "--method", "houlsby", "--format", "merged", "--out", str(out)]) == 2
+    assert "method 'houlsby' cannot merge" in capsys.readouterr().err and not out.exists()
+    assert main(["export", str(suite["dir"]), "--method", "houlsby", "--format", "peft", "--out", str(out)]) == 2
+    assert "has no peft equivalent" in capsys.readouterr().err and not out.exists()
+
+
+# -- safety: what differs is named -------------------------------------------------------------
+@pytest.fixture
+def adapter_copy(suite, tmp_path):
+    copy = tmp_path / "adapter"
+    shutil.copytree(adapter_dir(suite, "lora"), copy)
+    return copy
+
+
+def _edit_meta(folder: Path, **changes) -> None:
+    path = folder / "adapter_config.json"
+    meta = json.loads(path.read_text())
+    meta.update(changes)
+    path.write_text(json.dumps({k: v for k, v in meta.items() if v is not None}))
+
+
+def test_unknown_format_version_and_missing_method(adapter_copy):
+    _edit_meta(adapter_copy, format_version=99)
+    with pytest.raises(ConfigError, match="format_version 99 is unknown; this peftbench reads adapter versions 0..1"):
+        peftbench.load(adapter_copy)
+    _edit_meta(adapter_copy, format_version=1, method="sparse_magic")
+    with pytest.raises(ConfigError, match="saved by method 'sparse_magic', which is not installed here"):
+        peftbench.load(adapter_copy)
+
+
+def test_another_base_with_the_same_shapes_is_refused(suite, adapter_copy, tmp_path):
+    other = tmp_path / "other-bert"
+    shutil.copytree(suite["model"], other)
+    weights = load_file(str(other / "model.safetensors"))
+    name = sorted(weights)[0]
+    weights[name] = weights[name] + 1e-3
+    save_file(weights, str(other / "model.safetensors"))
+    _edit_meta(adapter_copy, backbone=str(other))
+    with pytest.raises(ConfigError, match=f"trained on backbone '{other}' with weights sha256:.*loads with weights "
+                                          "sha256:.*another base model"):
+        peftbench.load(adapter_copy)
+
+
+def test_missing_extra_and_misshaped_weights_are_named(adapter_copy):
+    path = adapter_copy / "adapter_model.safetensors"
+    good = load_file(str(path))
+    lora_key = next(k for k in sorted(good) if "lora_A" in k)
+    save_file({**good, "bert.encoder.layer.0.extra.weight": torch.zeros(2)}, str(path))
+    with pytest.raises(ConfigError, match="unexpected \\['bert.encoder.layer.0.extra.weight'\\]"):
+        peftbench.load(adapter_copy)
+    save_file({k: v for k, v in good.items() if k != lora_key}, str(path))
+    with pytest.raises(ConfigError, match=f"missing \\['{lora_key}'\\]"):
+        peftbench.load(adapter_copy)
+    save_file({**good, lora_key: torch.zeros(good[lora_key].shape[0] + 1, good[lora_key].shape[1])}, str(path))
+    with pytest.raises(ConfigError, match=f"other shapes than the injection \\({lora_key} saved"):
+        peftbench.load(adapter_copy)
+    save_file({**good, "head.classifier.weight": torch.zeros(3, 32), "head.classifier.bias": torch.zeros(3)}, str(path))
+    with pytest.raises(ConfigError, match="saved head has other shapes .* a different number of labels"):
+        peftbench.load(adapter_copy)
+
+
+def test_a_format_0_adapter_takes_its_labels_from_the_suite(suite, tmp_path):
+    """Trials saved before format 1 (no labels, no hash) load through their suite's store."""
+    copy = tmp_path / "suite"
+    shutil.copytree(suite["dir"], copy)
+    trial = adapter_dir(suite, "lora").parent.name
+    adapter = copy / "trials" / trial / "adapter"
+    _edit_meta(adapter, format_version=None, labels=None, num_labels=None, task_kind=None, backbone_sha256=None,
+               max_length=None, text_columns=None, task=None)
+    model = peftbench.load(copy / "trials" / trial)
+    assert model.labels == ("neg", "pos") and "format 0" in model.notes[0]
+    assert torch.equal(model.logits(TEXTS), peftbench.load(suite["dir"], method="lora").logits(TEXTS))
+    shutil.copytree(adapter, tmp_path / "alone")  # outside its suite nothing names its labels
+    with pytest.raises(ConfigError, match="saved before adapters recorded their label names"):
+        peftbench.load(tmp_path / "alone")
+
+
+# -- exports, checked numerically --------------------------------------------------------------
+def test_merged_export_loads_in_plain_transformers_with_equal_logits(suite, tmp_path):
+    model = peftbench.load(suite["dir"], method="lora")
+    big_deltas(model)
+    meta = export(model, tmp_path / "merged", "merged")
+    assert meta["max_abs_logit_diff"] <= 1e-5
+    files = {p.name for p in (tmp_path / "merged").iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "peftbench.json"} <= files
+    assert "adapter_config.json" not in files
+    got = fresh_python(f"from transformers import AutoModelForSequenceClassification, AutoTokenizer\n"
+                       f"DIR = {str(tmp_path / 'merged')!r}\n"
+                       f"model = AutoModelForSequenceClassification.from_pretrained(DIR).eval()\n"
+                       + LOGITS.format(texts=TEXTS))
+    diff = (torch.tensor(got["logits"]) - model.logits(TEXTS)).abs().max().item()
+    assert diff <= 1e-5, diff
+    assert got["id2label"] == {"0": "neg", "1": "pos"}
+    again = peftbench.load(tmp_path / "merged")  # peftbench reads its own export too
+    assert again.labels == ("neg", "pos") and (again.logits(TEXTS) - model.logits(TEXTS)).abs().max() <= 1e-5
+
+
+def test_peft_export_loads_with_auto_peft_model_with_equal_logits(suite, tmp_path):
+    model = peftbench.load(suite["dir"], method="lora")
+    big_deltas(model, seed=1)
+    meta = export(model, tmp_path / "peft", "peft")
+    assert meta["max_abs_logit_diff"] <= 1e-5
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert (config["peft_type"], config["task_type"], config["modules_to_save"]) == ("LORA", "SEQ_CLS", ["classifier"])
+    assert config["base_model_name_or_path"] == str((tmp_path / "peft" / "base").resolve())
+    lora = model.injection.config
+    assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (lora.r, lora.alpha, lora.dropout)
+    code = (f"from peft import AutoPeftModelForSequenceClassification\nfrom transformers import AutoTokenizer\n"
+            f"DIR = {str(tmp_path / 'peft')!r}\n"
+            f"model = AutoPeftModelForSequenceClassification.from_pretrained(DIR).eval()\n")
+    got = fresh_python(code + LOGITS.format(texts=TEXTS))
+    ours = model.logits(TEXTS)
+    diff = (torch.tensor(got["logits"]) - ours).abs().max().item()
+    assert diff <= 1e-5, diff
+    base = fresh_python(code.replace("AutoPeftModelForSequenceClassification.from_pretrained(DIR)",
+                                     "AutoPeftModelForSequenceClassification.from_pretrained(DIR).unload()")
+                        + LOGITS.format(texts=TEXTS))
+    assert (torch.tensor(base["logits"]) - ours).abs().max() > 1e-3  # peft really applied the LoRA weights
+
+
+def test_export_refuses_a_folder_in_use(suite, tmp_path):
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep.txt").write_text("x")
+    model = peftbench.load(suite["dir"], method="lora")
+    with pytest.raises(ConfigError, match="exists and is not an empty folder"):
+        export(model, tmp_path / "busy", "merged")
+    with pytest.raises(ConfigError, match="export format 'onnx' is unknown; allowed: merged, peft"):
+        export(model, tmp_path / "new", "onnx")
+
+
+@pytest.mark.parametrize("arch,targets,kind", [
+    ("gpt2", ["q", "v", "ffn_out"], "classification"),  # q, v: slices of the fused Conv1D c_attn
+    ("llama", ["q", "k", "v"], "generation"),  # GQA k/v, a causal LM: logits over the vocabulary
+])
+def test_decoder_lora_exports_to_peft_and_merged(tmp_path, arch, targets, kind):
+    from peftbench.using.load import build_backbone
+    from peftbench.using.model import Model
+
+    folder = make_tiny_model(tmp_path / arch, arch)
+    labels = ("a", "b", "c") if kind == "classification" else ()
+    backbone = build_backbone(str(folder), kind, len(labels), REGISTRY, torch.device("cpu"))
+    injection = peftbench.apply(REGISTRY.method("lora"), backbone, {"r": 2, "alpha": 8, "targets": targets})
+    model = Model(backbone.model, backbone.tokenizer, labels, kind=kind, max_length=40, backbone=backbone,
+                  injection=injection, meta={"method": "lora", "config": injection.config.model_dump()})
+    big_deltas(model, seed=2)
+    for fmt in ("peft", "merged"):
+        meta = export(model, tmp_path / fmt, fmt, tolerance=1e-5)  # loaded back from disk and compared
+        assert meta["max_abs_logit_diff"] <= 1e-5
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["task_type"] == ("SEQ_CLS" if kind == "classification" else "CAUSAL_LM")
+    assert config["fan_in_fan_out"] is (arch == "gpt2")
+    if arch == "gpt2":  # one rank-2r LoRA per fused c_attn, alpha doubled: peft's alpha/rank stays alpha/r
+        assert set(config["rank_pattern"].values()) == {4} and set(config["alpha_pattern"].values()) == {16}
+    reloaded = peftbench.load(tmp_path / "peft")
+    assert reloaded.kind == kind
