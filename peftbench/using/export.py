@@ -21,6 +21,7 @@ import copy
 import json
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -134,7 +135,9 @@ def _load_back(folder: Path, fmt: str, kind: str) -> torch.nn.Module:
         raise ConfigError("--format peft checks the export by loading it with peft, which is not installed: "
                           "pip install peft") from None
     auto = peft.AutoPeftModelForCausalLM if kind == "generation" else peft.AutoPeftModelForSequenceClassification
-    return auto.from_pretrained(folder)
+    with warnings.catch_warnings():  # peft 0.21 calls a transformers API that warns of its own deprecation
+        warnings.simplefilter("ignore", FutureWarning)
+        return auto.from_pretrained(folder)
 
 
 def _retarget(folder: Path) -> None:

@@ -10,6 +10,7 @@ shapes are checked. From an export: the checkpoint loads through transformers (`
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -137,7 +138,9 @@ def load_export(folder: Path, device: torch.device) -> Model:
         import peft
 
         auto = peft.AutoPeftModelForCausalLM if kind == "generation" else peft.AutoPeftModelForSequenceClassification
-        model = auto.from_pretrained(folder)
+        with warnings.catch_warnings():  # peft 0.21 calls a transformers API that warns of its own deprecation
+            warnings.simplefilter("ignore", FutureWarning)
+            model = auto.from_pretrained(folder)
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     model.to(device).eval()
     return Model(model, tokenizer, tuple(meta.get("labels", ())), kind=kind, max_length=int(meta.get("max_length", 128)),
