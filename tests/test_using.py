@@ -306,3 +306,30 @@ def test_decoder_lora_exports_to_peft_and_merged(tmp_path, arch, targets, kind):
         assert set(config["rank_pattern"].values()) == {4} and set(config["alpha_pattern"].values()) == {16}
     reloaded = peftbench.load(tmp_path / "peft")
     assert reloaded.kind == kind
+
+
+def test_a_generative_trial_loads_and_generates(tmp_path):
+    """A causal-LM trial (tiny GPT-2, E2E NLG, two steps): ``generate`` continues prompts as the trial
+    trained (its prompt template), the same as the merged export does; ``predict`` says to use generate."""
+    from peftbench.results.records import TrainingSpec
+    from peftbench.running.execute import execute_trial
+    from peftbench.running.options import RunOptions
+    from peftbench.running.plan import trial_spec
+    from peftbench.tasks.entry import TaskEntry
+
+    folder = make_tiny_model(tmp_path / "tiny-gpt2", "gpt2", causal=True, positions=512)
+    training = TrainingSpec(max_steps=2, batch_size=4, eval_batch_size=4, max_length=500, patience=None,
+                            eval_every=2, train_limit=8, eval_limit=3, test_limit=3, max_new_tokens=4)
+    spec = trial_spec(REGISTRY, task=TaskEntry(name="e2e_nlg"), backbone=str(folder), method="lora",
+                      method_config={"r": 2}, lr=1e-2, training=training)
+    assert execute_trial(spec, RunOptions(threads=1, quiet=True), str(tmp_path / "trial"), REGISTRY).status == "done"
+    model = peftbench.load(tmp_path / "trial")
+    assert (model.kind, model.labels, model.max_length) == ("generation", (), 500)
+    prompts = ["name[The Eagle], food[French]", "name[Aromi], area[city centre]"]
+    out = model.generate(prompts, max_new_tokens=5)
+    assert len(out) == 2 and all(isinstance(text, str) for text in out)
+    with pytest.raises(ConfigError, match="needs a classification model.*use generate\\(\\)"):
+        model.predict(prompts)
+    big_deltas(model, seed=3)
+    export(model, tmp_path / "merged", "merged", tolerance=1e-5)
+    assert peftbench.load(tmp_path / "merged").generate(prompts, max_new_tokens=5) == model.generate(prompts, max_new_tokens=5)
