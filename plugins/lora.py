@@ -389,8 +389,8 @@ def peft_lora(injection, layers: list[LoRALinear]) -> peftbench.PeftAdapter | No
                 full[start:end, i * r:(i + 1) * r] = b[i * (end - start):(i + 1) * (end - start)]
             b = full
             ranks[path], alphas[path] = n * r, n * cfg.alpha
-        tensors[f"{path}.lora_A.weight"] = a.clone()
-        tensors[f"{path}.lora_B.weight"] = b.clone()
+        tensors[f"base_model.model.{path}.lora_A.weight"] = a.clone()
+        tensors[f"base_model.model.{path}.lora_B.weight"] = b.clone()
     if len(conv1d) > 1:
         return None  # peft's fan_in_fan_out is one flag for every target
     config = {"peft_type": "LORA", "r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,

@@ -333,3 +333,24 @@ def test_a_generative_trial_loads_and_generates(tmp_path):
     big_deltas(model, seed=3)
     export(model, tmp_path / "merged", "merged", tolerance=1e-5)
     assert peftbench.load(tmp_path / "merged").generate(prompts, max_new_tokens=5) == model.generate(prompts, max_new_tokens=5)
+
+
+@pytest.mark.parametrize("arch,kind", [("bert", "classification"), ("gpt2", "classification"), ("llama", "generation")])
+def test_prompt_tuning_exports_to_peft(tmp_path, arch, kind):
+    """peft's prompt tuning prepends the same (n, d) prompt with the same mask and token types."""
+    from peftbench.using.load import build_backbone
+    from peftbench.using.model import Model
+
+    folder = make_tiny_model(tmp_path / arch, arch)
+    labels = ("a", "b") if kind == "classification" else ()
+    backbone = build_backbone(str(folder), kind, len(labels), REGISTRY, torch.device("cpu"))
+    injection = peftbench.apply(REGISTRY.method("prompt"), backbone, {"n": 3})
+    model = Model(backbone.model, backbone.tokenizer, labels, kind=kind, max_length=40, backbone=backbone,
+                  injection=injection, meta={"method": "prompt"})
+    big_deltas(model, seed=4)
+    meta = export(model, tmp_path / "peft", "peft", tolerance=1e-5)
+    assert meta["max_abs_logit_diff"] <= 1e-5
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert (config["peft_type"], config["num_virtual_tokens"]) == ("PROMPT_TUNING", 3)
+    with pytest.raises(ConfigError, match="method 'prompt' cannot merge"):
+        export(model, tmp_path / "merged", "merged")

@@ -39,11 +39,14 @@ def format_validation_error(prefix: str, exc: ValidationError) -> str:
 class PeftAdapter(NamedTuple):
     """An injection in peft's saved format (``Method.peft_adapter``): ``config`` holds the method's
     ``adapter_config.json`` fields (``peft_type``, ``r``, ``target_modules`` as module paths, ...);
-    ``tensors`` its weights under peft's names, relative to the model (``<module path>.lora_A.weight``).
-    The exporter adds the task type, the head (``modules_to_save``) and the base model."""
+    ``tensors`` its weights under the names peft saves them by (``base_model.model.<module path>.lora_A.weight``
+    for a tuner, ``prompt_embeddings`` for prompt learning); ``head_prefix`` is what peft puts before
+    the task head's parameter names. The exporter adds the task type, the head (``modules_to_save``)
+    and the base model."""
 
     config: dict[str, Any]
     tensors: dict[str, Any]
+    head_prefix: str = "base_model.model."
 
 
 class Method:

@@ -120,8 +120,8 @@ def _write_peft(model: Model, folder: Path) -> None:
               "base_model_name_or_path": str((folder / BASE).resolve())}
     if head:
         config["modules_to_save"] = sorted({name.split(".")[0] for name in head})
-    tensors = {f"base_model.model.{k}": torch.as_tensor(v).detach().cpu().contiguous()
-               for k, v in {**adapter.tensors, **head}.items()}
+    tensors = {k: torch.as_tensor(v).detach().cpu().contiguous() for k, v in adapter.tensors.items()}
+    tensors.update({adapter.head_prefix + k: v for k, v in head.items()})
     save_file(tensors, str(folder / "adapter_model.safetensors"))
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
@@ -173,8 +173,21 @@ def export(model: Model, out: str | Path, fmt: str = "merged", *, tolerance: flo
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         (_write_merged if fmt == "merged" else _write_peft)(model, tmp)
-        loaded = _load_back(tmp, fmt, model.kind)
-        diff = float((outputs(loaded, model.tokenizer, texts, model.max_length) - reference).abs().max())
+        try:
+            loaded = _load_back(tmp, fmt, model.kind)
+            got = outputs(loaded, model.tokenizer, texts, model.max_length)
+        except (ValueError, RuntimeError, KeyError, TypeError) as exc:
+            if isinstance(exc, ConfigError):
+                raise
+            library = "peft" if fmt == "peft" else "transformers"
+            raise ConfigError(f"{library} cannot load or run the {fmt} export ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}); nothing was written to {out}") from None
+        if model.kind == "generation" and got.shape[1] > reference.shape[1]:
+            got = got[:, -reference.shape[1]:]  # peft's prompt learning returns the virtual tokens' logits too
+        if got.shape != reference.shape:
+            raise ConfigError(f"the {fmt} export returns logits of shape {tuple(got.shape)}, peftbench "
+                              f"{tuple(reference.shape)}; nothing was written to {out}")
+        diff = float((got - reference).abs().max())
         if not diff <= tolerance:
             raise ConfigError(f"the {fmt} export computes other logits than peftbench (max |diff| {diff:.3g} > "
                               f"{tolerance:g}); nothing was written to {out}")
