@@ -261,14 +261,13 @@ def test_peft_export_loads_with_auto_peft_model_with_equal_logits(suite, tmp_pat
     code = (f"from peft import AutoPeftModelForSequenceClassification\nfrom transformers import AutoTokenizer\n"
             f"DIR = {str(tmp_path / 'peft')!r}\n"
             f"model = AutoPeftModelForSequenceClassification.from_pretrained(DIR).eval()\n")
-    got = fresh_python(code + LOGITS.format(texts=TEXTS))
+    unloaded = "\nbase = logits\nmodel = model.unload()\n" + LOGITS.format(texts=TEXTS).replace(
+        '"logits": logits.tolist()', '"logits": base.tolist(), "unloaded": logits.tolist()')
+    got = fresh_python(code + LOGITS.format(texts=TEXTS) + unloaded)
     ours = model.logits(TEXTS)
     diff = (torch.tensor(got["logits"]) - ours).abs().max().item()
     assert diff <= 1e-5, diff
-    base = fresh_python(code.replace("AutoPeftModelForSequenceClassification.from_pretrained(DIR)",
-                                     "AutoPeftModelForSequenceClassification.from_pretrained(DIR).unload()")
-                        + LOGITS.format(texts=TEXTS))
-    assert (torch.tensor(base["logits"]) - ours).abs().max() > 1e-3  # peft really applied the LoRA weights
+    assert (torch.tensor(got["unloaded"]) - ours).abs().max() > 1e-3  # peft really applied the LoRA weights
 
 
 def test_export_refuses_a_folder_in_use(suite, tmp_path):
