@@ -49,6 +49,7 @@ class Injection:
         self._base_trainable: dict[str, nn.Parameter] = {}  # base params the method trains
         self.finalized = False
         self.removed = False
+        self._kept_base = False  # trained base parameters' values kept for remove() (see load_state_dict)
         #: parameters requiring grad after injection (head excluded), counted by ``apply``
         self.trainable_params: int | None = None
 
@@ -173,9 +174,25 @@ class Injection:
         if wrong:
             raise ConfigError(f"method {self.method.name!r}: saved weights have other shapes than the injection "
                               f"({'; '.join(wrong[:3])}{f'; {len(wrong) - 3} more' if len(wrong) > 3 else ''})")
+        self._keep_base_values()
         with torch.no_grad():
             for key, tensor in own.items():
                 tensor.copy_(state[key].to(tensor.device, tensor.dtype))
+
+    def _keep_base_values(self) -> None:
+        """Before loaded weights overwrite base parameters the method trains (Houlsby's LayerNorms, full
+        fine-tuning), keep their values, so ``remove()`` restores them too (switching adapters)."""
+        if not self._base_trainable or self._kept_base:
+            return
+        kept = {name: (p, p.detach().clone()) for name, p in self._base_trainable.items()}
+
+        def restore():
+            with torch.no_grad():
+                for param, value in kept.values():
+                    param.copy_(value)
+
+        self._undo.append(restore)
+        self._kept_base = True
 
     def save(self, directory: str | Path, include_head: bool = True, metadata: dict | None = None) -> Path:
         """Write ``adapter_model.safetensors`` (method weights, plus ``head.*``) and the JSON config;
