@@ -353,3 +353,49 @@ def test_prompt_tuning_exports_to_peft(tmp_path, arch, kind):
     assert (config["peft_type"], config["num_virtual_tokens"]) == ("PROMPT_TUNING", 3)
     with pytest.raises(ConfigError, match="method 'prompt' cannot merge"):
         export(model, tmp_path / "merged", "merged")
+
+
+# -- named adapters on one backbone ------------------------------------------------------------
+def test_named_adapters_add_switch_save_remove(suite, tmp_path):
+    from peftbench.backbones.fingerprint import fingerprint
+
+    lora = peftbench.load(suite["dir"], method="lora")
+    lora_logits = lora.logits(TEXTS)
+    houlsby_logits = peftbench.load(suite["dir"], method="houlsby").logits(TEXTS)
+    assert (lora.adapters.keys(), lora.active_adapter) == ({"default"}, "default")
+    lora.add_adapter("houlsby", suite["dir"], method="houlsby")
+    assert list(lora.adapters) == ["default", "houlsby"] and lora.active_adapter == "default"
+    assert torch.equal(lora.logits(TEXTS), lora_logits)  # adding does not activate
+    lora.set_adapter("houlsby")
+    assert lora.method == "houlsby" and torch.equal(lora.logits(TEXTS), houlsby_logits)
+    lora.set_adapter("default")
+    assert lora.method == "lora" and torch.equal(lora.logits(TEXTS), lora_logits)
+    lora.set_adapter("houlsby")
+    saved = lora.save_adapter("houlsby", tmp_path / "h")
+    assert torch.equal(peftbench.load(saved).logits(TEXTS), houlsby_logits)
+    with pytest.raises(ConfigError, match="adapter name 'houlsby' is taken"):
+        lora.add_adapter("houlsby", suite["dir"], method="houlsby")
+    with pytest.raises(ConfigError, match="unknown adapter 'hulsby' \\(did you mean 'houlsby'\\?\\)"):
+        lora.set_adapter("hulsby")
+    lora.remove_adapter("houlsby")  # the active one: nothing is active, the backbone is the plain base again
+    assert list(lora.adapters) == ["default"] and lora.active_adapter is None and lora.injection is None
+    assert fingerprint(lora.backbone) == lora.meta["backbone_sha256"]
+    with pytest.raises(ConfigError, match="needs an active adapter: set_adapter\\(name\\) with one of default"):
+        lora.predict(TEXTS)
+    lora.set_adapter("default")
+    assert torch.equal(lora.logits(TEXTS), lora_logits)
+
+
+def test_an_adapter_of_another_base_or_label_count_is_not_added(suite, adapter_copy):
+    model = peftbench.load(suite["dir"], method="lora")
+    _edit_meta(adapter_copy, backbone_sha256="sha256:" + "0" * 64)
+    with pytest.raises(ConfigError, match="adapter 'x' .* with weights sha256:0000.*another base model"):
+        model.add_adapter("x", adapter_copy)
+    _edit_meta(adapter_copy, backbone_sha256=model.meta["backbone_sha256"], labels=["a", "b", "c"], num_labels=3)
+    weights = load_file(str(adapter_copy / "adapter_model.safetensors"))
+    weights.update({"head.classifier.weight": torch.zeros(3, 32), "head.classifier.bias": torch.zeros(3)})
+    save_file(weights, str(adapter_copy / "adapter_model.safetensors"))
+    with pytest.raises(ConfigError, match="adapter 'x' has a head for 3 labels \\['a', 'b', 'c'\\]; this backbone's "
+                                          "head has 2"):
+        model.add_adapter("x", adapter_copy)
+    assert list(model.adapters) == ["default"]

@@ -9,63 +9,19 @@ shapes are checked. From an export: the checkpoint loads through transformers (`
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
 import torch
 
-from peftbench.contract.injection import ADAPTER_FORMAT_VERSION, CONFIG_FILE
 from peftbench.errors import ConfigError
 from peftbench.using.locate import EXPORT_META, Located, locate
+from peftbench.using.meta import adapter_meta, check_method, read_json, task_facts
 from peftbench.using.model import Model
 
 #: what ``export`` writes (``peftbench.json``): its own version, independent of the adapter's
 EXPORT_FORMAT_VERSION = 1
 EXPORT_FORMATS = ("merged", "peft")
-
-
-def read_json(path: Path, what: str) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path} cannot be read as {what} ({exc})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} is not a JSON object: not {what}")
-    return data
-
-
-def adapter_meta(adapter: Path) -> dict:
-    """The adapter's ``adapter_config.json``, its format version checked."""
-    meta = read_json(adapter / CONFIG_FILE, "a peftbench adapter config")
-    if "peft_type" in meta:
-        raise ConfigError(f"{adapter} is a peft adapter, not a peftbench one: load it with peft, or load the folder "
-                          f"it was exported to")
-    version = meta.get("format_version", 0)
-    if not isinstance(version, int) or not 0 <= version <= ADAPTER_FORMAT_VERSION:
-        raise ConfigError(f"{adapter / CONFIG_FILE}: format_version {version!r} is unknown; this peftbench reads "
-                          f"adapter versions 0..{ADAPTER_FORMAT_VERSION}")
-    for key in ("method", "config", "backbone"):
-        if key not in meta:
-            raise ConfigError(f"{adapter / CONFIG_FILE} has no {key!r}: not a peftbench adapter")
-    return meta
-
-
-def _task_facts(meta: dict, found: Located, registry, notes: list[str]) -> dict:
-    """Labels, kind, max_length: recorded by the adapter (format 1), else read from the suite's task."""
-    if meta.get("format_version", 0) >= 1:
-        return {"labels": tuple(meta.get("labels", ())), "kind": meta.get("task_kind", "classification"),
-                "max_length": int(meta.get("max_length", 128))}
-    if found.spec is None:
-        raise ConfigError(f"{found.path} was saved before adapters recorded their label names (format 0): load it "
-                          f"through its suite folder, whose store names the task")
-    from peftbench.tasks.data import raw_data, task_for
-
-    task = task_for(found.spec.task, registry)
-    raw_data(task, found.spec.task, found.spec.training)  # loading fixes the label names
-    notes.append(f"{found.path}: saved before adapters recorded label names and the backbone's hash (format 0); "
-                 f"labels read from task {task.name!r}, backbone not checked")
-    return {"labels": tuple(task.labels), "kind": task.kind, "max_length": found.spec.training.max_length}
 
 
 def build_backbone(name: str, kind: str, num_labels: int, registry, device: torch.device):
@@ -96,14 +52,12 @@ def check_backbone(meta: dict, backbone, source: Path) -> None:
 def load_trial(found: Located, registry, device: torch.device, backbone_name: str | None = None) -> Model:
     from peftbench.contract.injection import load_injection
 
+    from peftbench.using.named import DEFAULT, stored_from_folder
+
     meta = adapter_meta(found.path)
-    try:
-        registry.method(meta["method"])
-    except ConfigError as exc:
-        raise ConfigError(f"{found.path} was saved by method {meta['method']!r}, which is not installed here "
-                          f"({exc})") from None
+    check_method(meta, found.path, registry)
     notes: list[str] = []
-    facts = _task_facts(meta, found, registry, notes)
+    facts = task_facts(meta, found, registry, notes)
     num_labels = meta.get("num_labels", len(facts["labels"]))
     if facts["kind"] == "classification" and num_labels != len(facts["labels"]):
         raise ConfigError(f"{found.path}: num_labels {num_labels} but {len(facts['labels'])} label names")
@@ -111,9 +65,11 @@ def load_trial(found: Located, registry, device: torch.device, backbone_name: st
     check_backbone(meta, backbone, found.path)
     injection = load_injection(backbone, found.path, registry)
     backbone.model.to(device).eval()
+    meta = {**meta, "trial_id": found.trial_id}
     return Model(backbone.model, backbone.tokenizer, facts["labels"], kind=facts["kind"],
-                 max_length=facts["max_length"], device=device, source=str(found.path),
-                 meta={**meta, "trial_id": found.trial_id}, backbone=backbone, injection=injection, notes=notes)
+                 max_length=facts["max_length"], device=device, source=str(found.path), meta=meta,
+                 backbone=backbone, injection=injection, notes=notes, registry=registry,
+                 adapters={DEFAULT: stored_from_folder(found.path, meta, facts, notes)}, active_adapter=DEFAULT)
 
 
 def load_export(folder: Path, device: torch.device) -> Model:

@@ -5,6 +5,7 @@ peft checkpoint) and its tokenizer, and names labels as the task did."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -42,6 +43,11 @@ class Model:
     injection: Any = None
     #: what a user should know (an adapter written before label names were saved ...)
     notes: list[str] = field(default_factory=list)
+    #: the plugins' registry (named adapters are applied through it)
+    registry: Any = None
+    #: named adapters on this backbone (``peftbench.using.named``); one is active at a time
+    adapters: dict[str, Any] = field(default_factory=dict)
+    active_adapter: str | None = None
 
     @property
     def method(self) -> str | None:
@@ -101,7 +107,58 @@ class Model:
                         batch_size=batch_size, max_new_tokens=max_new_tokens, max_length=self.max_length,
                         device=self.device)
 
+    # -- named adapters ------------------------------------------------------------------
+    def add_adapter(self, name: str, path: str | Path, method: str | None = None, budget: str | None = None,
+                    seed: int = 0, **selectors) -> None:
+        """Add another trial's adapter (the arguments of ``peftbench.load``) under ``name``; it must have
+        been trained on this backbone with as many labels. It stays inactive until ``set_adapter``."""
+        from peftbench.using.named import add
+
+        self._need_backbone("add_adapter")
+        if not isinstance(name, str) or not name or name in self.adapters:
+            raise ConfigError(f"adapter name {name!r} is {'taken' if name in self.adapters else 'empty'}; "
+                              f"names in use: {', '.join(self.adapters)}")
+        add(self, name, path, method=method, budget=budget, seed=seed, **selectors)
+
+    def set_adapter(self, name: str) -> None:
+        """Make ``name`` the active adapter (the active one comes off; the backbone is restored first)."""
+        from peftbench.using.named import activate, current_state, lookup
+
+        self._need_backbone("set_adapter")
+        stored = lookup(self.adapters, name)
+        if self.active_adapter is not None:  # keep what the active one holds now (it may have been trained on)
+            self.adapters[self.active_adapter].state = current_state(self)
+        self.active_adapter = None
+        activate(self, stored)
+        self.active_adapter = name
+
+    def remove_adapter(self, name: str) -> None:
+        """Forget ``name``; if it is active, its injection comes off and no adapter is active."""
+        from peftbench.using.named import lookup
+
+        lookup(self.adapters, name)
+        if name == self.active_adapter:
+            self.injection.remove()
+            self.injection, self.active_adapter = None, None
+        del self.adapters[name]
+
+    def save_adapter(self, name: str, directory: str | Path) -> Path:
+        """Write adapter ``name`` as an adapter folder that ``peftbench.load`` reads."""
+        from peftbench.using.named import current_state, lookup, save
+
+        stored = lookup(self.adapters, name)
+        if name == self.active_adapter:
+            stored.state = current_state(self)
+        return save(stored, directory)
+
+    def _need_backbone(self, what: str) -> None:
+        if self.backbone is None or self.registry is None:
+            raise ConfigError(f"{what}() needs a model loaded from a trial; {self.source} is an export")
+
     def _need(self, kind: str, what: str) -> None:
+        if self.backbone is not None and self.injection is None:
+            raise ConfigError(f"{what}() needs an active adapter: set_adapter(name) with one of "
+                              f"{', '.join(self.adapters) or '(none: add_adapter first)'}")
         if self.kind != kind:
             other = "predict" if self.kind == "classification" else "generate"
             raise ConfigError(f"{what}() needs a {kind} model; {self.source or 'this model'} is a {self.kind} "
