@@ -106,6 +106,9 @@ def cmd_predict(args) -> int:
         raise ConfigError("nothing to predict: give texts, or --file in.csv|in.jsonl")
     texts = texts_of(rows, columns, Path(args.file or "-")) if args.file else list(args.texts)
     model = _load(args)
+    pairs = len(model.meta.get("text_columns") or ()) == 2
+    if pairs and (args.texts or len(columns) != 2):
+        raise ConfigError(f"{model.source} reads sentence pairs: give --file with --text-column FIRST,SECOND")
     results = [{**row, **res} for row, res in zip(rows, _results(model, texts, args))]
     if args.out:
         _write(Path(args.out), results)
