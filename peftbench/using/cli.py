@@ -109,6 +109,8 @@ def cmd_predict(args) -> int:
     pairs = len(model.meta.get("text_columns") or ()) == 2
     if pairs and (args.texts or len(columns) != 2):
         raise ConfigError(f"{model.source} reads sentence pairs: give --file with --text-column FIRST,SECOND")
+    if not pairs and len(columns) == 2:
+        raise ConfigError(f"{model.source} reads one text per example: --text-column names one column")
     results = [{**row, **res} for row, res in zip(rows, _results(model, texts, args))]
     if args.out:
         _write(Path(args.out), results)
