@@ -351,6 +351,13 @@ def test_prompt_tuning_exports_to_peft(tmp_path, arch, kind):
     assert meta["max_abs_logit_diff"] <= 1e-5
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert (config["peft_type"], config["num_virtual_tokens"]) == ("PROMPT_TUNING", 3)
+    from transformers import AutoTokenizer  # a decoder classifier reads the last position: saved padded left
+
+    assert AutoTokenizer.from_pretrained(tmp_path / "peft").padding_side == ("left" if arch == "gpt2" else "right")
+    moved = tmp_path / "moved"
+    (tmp_path / "peft").rename(moved)  # peftbench.load finds the base beside the adapter, wherever it is
+    if kind == "classification":
+        assert (peftbench.load(moved).logits(TEXTS) - model.logits(TEXTS)).abs().max() <= 1e-5
     with pytest.raises(ConfigError, match="method 'prompt' cannot merge"):
         export(model, tmp_path / "merged", "merged")
 

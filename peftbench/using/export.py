@@ -84,6 +84,19 @@ def plain_model(model: Model) -> torch.nn.Module:
     return plain.eval()
 
 
+def save_tokenizer(tokenizer, folder: Path) -> None:
+    """Save the tokenizer with its padding side (decoder classifiers read the last position: left)."""
+    side = tokenizer.init_kwargs.get("padding_side")
+    tokenizer.init_kwargs["padding_side"] = tokenizer.padding_side
+    try:
+        tokenizer.save_pretrained(folder)
+    finally:
+        if side is None:
+            tokenizer.init_kwargs.pop("padding_side", None)
+        else:
+            tokenizer.init_kwargs["padding_side"] = side
+
+
 def _meta(model: Model, fmt: str, diff: float) -> dict:
     keep = ("method", "config", "backbone", "model_type", "backbone_sha256", "task", "text_columns", "trial_id")
     return {"export_format": fmt, "export_format_version": EXPORT_FORMAT_VERSION,
@@ -100,7 +113,7 @@ def _write_merged(model: Model, folder: Path) -> None:
     finally:
         model.injection.unmerge()
     plain.save_pretrained(folder)
-    model.tokenizer.save_pretrained(folder)
+    save_tokenizer(model.tokenizer, folder)
 
 
 def _write_peft(model: Model, folder: Path) -> None:
@@ -113,8 +126,8 @@ def _write_peft(model: Model, folder: Path) -> None:
                           f"export it with --format merged if it merges, else use peftbench.load")
     plain = plain_model(model)  # the unmerged base, with the trained head
     plain.save_pretrained(folder / BASE)
-    model.tokenizer.save_pretrained(folder / BASE)
-    model.tokenizer.save_pretrained(folder)
+    save_tokenizer(model.tokenizer, folder / BASE)
+    save_tokenizer(model.tokenizer, folder)
     head = {name: p.detach().cpu().contiguous() for name, p in model.backbone.head_parameters().items()}
     config = {**adapter.config, "task_type": PEFT_TASK_TYPES[model.kind], "inference_mode": True,
               "base_model_name_or_path": str((folder / BASE).resolve())}

@@ -90,13 +90,15 @@ def load_export(folder: Path, device: torch.device) -> Model:
     if fmt == "merged":
         auto = transformers.AutoModelForCausalLM if kind == "generation" else transformers.AutoModelForSequenceClassification
         model = auto.from_pretrained(folder)
-    else:
-        import peft
-
-        auto = peft.AutoPeftModelForCausalLM if kind == "generation" else peft.AutoPeftModelForSequenceClassification
+    else:  # the base beside the adapter, wherever the folder is now (base_model_name_or_path may be stale)
+        try:
+            import peft
+        except ImportError:
+            raise ConfigError(f"{folder} is a peft export and peft is not installed: pip install peft") from None
+        auto = transformers.AutoModelForCausalLM if kind == "generation" else transformers.AutoModelForSequenceClassification
         with warnings.catch_warnings():  # peft 0.21 calls a transformers API that warns of its own deprecation
             warnings.simplefilter("ignore", FutureWarning)
-            model = auto.from_pretrained(folder)
+            model = peft.PeftModel.from_pretrained(auto.from_pretrained(folder / "base"), folder)
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     model.to(device).eval()
     return Model(model, tokenizer, tuple(meta.get("labels", ())), kind=kind, max_length=int(meta.get("max_length", 128)),
