@@ -1,4 +1,4 @@
-"""The ``peftbench`` command: methods | plugins | solve | run | report | download | predict | export."""
+"""The ``peftbench`` command: methods | plugins | solve | run | report | download."""
 
 from __future__ import annotations
 
