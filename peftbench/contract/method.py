@@ -165,6 +165,7 @@ class Method:
             "schedule_lr": self.schedule_lr,
             "in_default_grid": self.in_default_grid,
             "reference": self.reference,
+            "mergeable": self.mergeable,
         }
 
     def __repr__(self) -> str:
