@@ -406,3 +406,22 @@ def test_an_adapter_of_another_base_or_label_count_is_not_added(suite, adapter_c
                                           "head has 2"):
         model.add_adapter("x", adapter_copy)
     assert list(model.adapters) == ["default"]
+
+
+@pytest.mark.parametrize("method,config", [("full", {}), ("topk", {"k": 1}), ("head", {})])
+def test_baselines_that_train_the_backbone_itself_export_merged(tmp_path, method, config):
+    from peftbench.using.load import build_backbone
+    from peftbench.using.model import Model
+
+    folder = make_tiny_model(tmp_path / "bert", "bert")
+    backbone = build_backbone(str(folder), "classification", 2, REGISTRY, torch.device("cpu"))
+    injection = peftbench.apply(REGISTRY.method(method), backbone, config)
+    model = Model(backbone.model, backbone.tokenizer, ("a", "b"), max_length=40, backbone=backbone,
+                  injection=injection, meta={"method": method})
+    big_deltas(model, seed=5)
+    with torch.no_grad():
+        for p in backbone.head_parameters().values():
+            p.normal_(0, 0.5)
+    assert export(model, tmp_path / "merged", "merged", tolerance=1e-5)["max_abs_logit_diff"] <= 1e-5
+    with pytest.raises(ConfigError, match=f"method {method!r} has no peft equivalent"):
+        export(model, tmp_path / "peft", "peft")
