@@ -425,3 +425,36 @@ def test_baselines_that_train_the_backbone_itself_export_merged(tmp_path, method
     assert export(model, tmp_path / "merged", "merged", tolerance=1e-5)["max_abs_logit_diff"] <= 1e-5
     with pytest.raises(ConfigError, match=f"method {method!r} has no peft equivalent"):
         export(model, tmp_path / "peft", "peft")
+
+
+def test_switching_between_every_insertion_mechanism_is_exact(tmp_path):
+    """LoRA (module replacement), Houlsby (hooks, trained LayerNorms), prefix (key/value prefixes) and a
+    soft prompt (an input hook) saved as adapters of one base: switching among them, twice round, gives
+    each one's own logits, the same as loading it alone."""
+    from peftbench.backbones.fingerprint import fingerprint
+    from peftbench.using.load import build_backbone
+
+    folder = make_tiny_model(tmp_path / "bert", "bert")
+    methods = {"lora": {"r": 2}, "houlsby": {"m": 4}, "prefix": {"n": 3}, "prompt": {"n": 3}}
+    alone = {}
+    for name, config in methods.items():
+        backbone = build_backbone(str(folder), "classification", 2, REGISTRY, torch.device("cpu"))
+        metadata = {"task_kind": "classification", "labels": ["neg", "pos"], "num_labels": 2, "max_length": 40,
+                    "backbone_sha256": fingerprint(backbone), "text_columns": ["text"]}
+        injection = peftbench.apply(REGISTRY.method(name), backbone, config)
+        with torch.no_grad():
+            for p in [*injection.named_parameters().values(), *backbone.head_parameters().values()]:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.3)
+        injection.finalize()
+        injection.save(tmp_path / name, metadata=metadata)
+        alone[name] = peftbench.load(tmp_path / name).logits(TEXTS)
+    model = peftbench.load(tmp_path / "lora")
+    for name in methods:
+        if name != "lora":
+            model.add_adapter(name, tmp_path / name)
+    order = ["houlsby", "prefix", "prompt", "default", "prompt", "houlsby", "default", "prefix"]
+    for name in order:
+        model.set_adapter(name)
+        assert torch.equal(model.logits(TEXTS), alone["lora" if name == "default" else name]), name
+    model.remove_adapter(model.active_adapter)
+    assert fingerprint(model.backbone) == model.meta["backbone_sha256"]  # the base is bit for bit the original
