@@ -124,7 +124,7 @@ def test_predict_command_texts_file_and_out(suite, tmp_path, capsys):
     assert [line.split("\t") for line in lines] == [[p.label, f"{p.score:.4f}", t] for p, t in zip(expected, TEXTS[:2])]
     src = tmp_path / "in.jsonl"
     src.write_text("".join(json.dumps({"id": i, "review": t}) + "\n" for i, t in enumerate(TEXTS)))
-    assert main(["predict", str(suite["dir"]), "--method", "lora", "--file", str(src), "--text-column", "review",
+    assert main(["predict", str(suite["dir"]), "--method", "lora", "--file", str(src),  # the task's column: review
                  "--out", str(tmp_path / "preds.csv")]) == 0
     import csv
 
@@ -142,6 +142,8 @@ def test_predict_command_texts_file_and_out(suite, tmp_path, capsys):
     (["x"], "is a suite folder: name the trial's method"),
     (["--method", "lora", "--file", "in.txt"], "allowed kinds are .csv, .jsonl"),
     (["--method", "lora"], "nothing to predict"),
+    (["--method", "lora", "--file", "MISSING.csv"], "--file MISSING.csv does not exist"),
+    (["--method", "lora", "--text-column", "a,b", "x"], "reads one text per example: --text-column names one column"),
 ])
 def test_predict_bad_input_is_one_clear_line(suite, argv, message, capsys):
     assert main(["predict", str(suite["dir"]), *argv]) == 2

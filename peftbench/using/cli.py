@@ -92,25 +92,35 @@ def _write(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
+def _columns(args, model, rows: list[dict]) -> list[str]:
+    """--text-column, else ``text``, else the task's own text column(s) when the file has them."""
+    if args.text_column is not None:
+        columns = [c.strip() for c in args.text_column.split(",") if c.strip()]
+        if not 1 <= len(columns) <= 2:
+            raise ConfigError(f"--text-column names one column, or two (comma-separated) for sentence pairs; got "
+                              f"{args.text_column!r}")
+        return columns
+    own = list(model.meta.get("text_columns") or [])
+    if own and not (len(own) == 1 and "text" in rows[0]) and all(c in rows[0] for c in own):
+        return own
+    return ["text"]
+
+
 def cmd_predict(args) -> int:
     if args.out and Path(args.out).suffix.lower() not in FILE_KINDS:
         raise ConfigError(f"--out {args.out}: allowed kinds are {', '.join(FILE_KINDS)}")
-    columns = [c.strip() for c in args.text_column.split(",") if c.strip()]
-    if not 1 <= len(columns) <= 2:
-        raise ConfigError(f"--text-column names one column, or two (comma-separated) for sentence pairs; got "
-                          f"{args.text_column!r}")
-    rows = [{columns[0]: t} for t in args.texts]
-    if args.file:
-        rows += read_rows(Path(args.file))
-    if not rows:
+    rows = read_rows(Path(args.file)) if args.file else []
+    if not rows and not args.texts:
         raise ConfigError("nothing to predict: give texts, or --file in.csv|in.jsonl")
-    texts = texts_of(rows, columns, Path(args.file or "-")) if args.file else list(args.texts)
     model = _load(args)
     pairs = len(model.meta.get("text_columns") or ()) == 2
+    columns = _columns(args, model, rows or [{}])
     if pairs and (args.texts or len(columns) != 2):
         raise ConfigError(f"{model.source} reads sentence pairs: give --file with --text-column FIRST,SECOND")
     if not pairs and len(columns) == 2:
         raise ConfigError(f"{model.source} reads one text per example: --text-column names one column")
+    rows = [{columns[0]: t} for t in args.texts] + rows
+    texts = texts_of(rows, columns, Path(args.file or "-"))
     results = [{**row, **res} for row, res in zip(rows, _results(model, texts, args))]
     if args.out:
         _write(Path(args.out), results)
@@ -166,8 +176,9 @@ def add_commands(sub) -> None:
     _add_selectors(p)
     p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to label (or prompts, for a generative trial)")
     p.add_argument("--file", help="a .csv or .jsonl file of texts (column --text-column)")
-    p.add_argument("--text-column", default="text",
-                   help="the --file column holding the text; two comma-separated for sentence pairs (default: text)")
+    p.add_argument("--text-column",
+                   help="the --file column holding the text; two comma-separated for sentence pairs (default: "
+                        "text, else the task's own text column(s) when the file has them)")
     p.add_argument("--out", help="write predictions (the file's columns, label, score, prob_<label>) to a .csv or .jsonl")
     p.add_argument("--json", action="store_true", help="print the predictions as JSON")
     p.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default: 32)")
