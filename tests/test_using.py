@@ -248,6 +248,13 @@ def test_merged_export_loads_in_plain_transformers_with_equal_logits(suite, tmp_
     assert got["id2label"] == {"0": "neg", "1": "pos"}
     again = peftbench.load(tmp_path / "merged")  # peftbench reads its own export too
     assert again.labels == ("neg", "pos") and (again.logits(TEXTS) - model.logits(TEXTS)).abs().max() <= 1e-5
+    before = model.logits(TEXTS)
+    plain = model.merge_and_unload()  # in memory: a plain transformers model, the Model left as it was
+    assert not any("lora" in name or "base_layer" in name for name, _ in plain.named_parameters())
+    enc = model.tokenizer(TEXTS, padding=True, truncation=True, max_length=40, return_tensors="pt")
+    with torch.no_grad():
+        assert (plain(**enc).logits - before).abs().max() <= 1e-5
+    assert torch.equal(model.logits(TEXTS), before) and plain.config.id2label == {0: "neg", 1: "pos"}
 
 
 def test_peft_export_loads_with_auto_peft_model_with_equal_logits(suite, tmp_path):

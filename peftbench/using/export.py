@@ -17,7 +17,6 @@ labels, format versions): ``peftbench.load(DIR)`` reads it.
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 import tempfile
@@ -29,6 +28,7 @@ import torch
 from peftbench.errors import ConfigError
 from peftbench.using.load import EXPORT_FORMAT_VERSION, EXPORT_FORMATS
 from peftbench.using.locate import EXPORT_META
+from peftbench.using.merge import auto_class, merged_model, plain_model
 from peftbench.using.model import Model
 
 #: texts the exported model is checked on (any text works: the check compares two computations)
@@ -36,12 +36,6 @@ CHECK_TEXTS = ("a quietly moving film with a superb cast", "dull, loud and far t
                "What is the tallest mountain in Africa?", "WIN a free prize now, reply YES to claim")
 BASE = "base"
 PEFT_TASK_TYPES = {"classification": "SEQ_CLS", "generation": "CAUSAL_LM"}
-
-
-def _auto(kind: str):
-    import transformers
-
-    return transformers.AutoModelForCausalLM if kind == "generation" else transformers.AutoModelForSequenceClassification
 
 
 @torch.no_grad()
@@ -54,34 +48,6 @@ def outputs(model: torch.nn.Module, tokenizer, texts, max_length: int) -> torch.
     enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
     model.eval()
     return model(**enc).logits.float().cpu()
-
-
-def plain_state(model: torch.nn.Module, plain_keys: list[str]) -> dict[str, torch.Tensor]:
-    """The injected model's tensors under a plain model's names: a replaced module keeps the original
-    as ``base_layer``, so ``x.base_layer.weight`` is the plain ``x.weight``; the method's own are left."""
-    state = {}
-    for name, tensor in model.state_dict().items():
-        plain = name.replace(".base_layer.", ".")
-        if plain in plain_keys and (plain == name or plain not in state):
-            state[plain] = tensor.detach().to("cpu").clone()
-    return state
-
-
-def plain_model(model: Model) -> torch.nn.Module:
-    """A new transformers model of the backbone's class holding the injected model's base weights
-    (merged, if the caller merged), the head included; its config names the labels."""
-    config = copy.deepcopy(model.model.config)
-    if model.kind == "classification":
-        config.id2label = dict(enumerate(model.labels))
-        config.label2id = {label: i for i, label in enumerate(model.labels)}
-    plain = _auto(model.kind).from_config(config)
-    keys = list(plain.state_dict())
-    state = plain_state(model.model, keys)
-    missing = sorted(set(keys) - set(state))
-    if missing:
-        raise ConfigError(f"the injected model has no plain tensor for {missing[:5]}: cannot rebuild the backbone")
-    plain.load_state_dict(state, strict=True)
-    return plain.eval()
 
 
 def save_tokenizer(tokenizer, folder: Path) -> None:
@@ -107,11 +73,7 @@ def _meta(model: Model, fmt: str, diff: float) -> dict:
 
 
 def _write_merged(model: Model, folder: Path) -> None:
-    model.injection.merge()
-    try:
-        plain = plain_model(model)
-    finally:
-        model.injection.unmerge()
+    plain = merged_model(model)
     plain.save_pretrained(folder)
     save_tokenizer(model.tokenizer, folder)
 
@@ -141,7 +103,7 @@ def _write_peft(model: Model, folder: Path) -> None:
 
 def _load_back(folder: Path, fmt: str, kind: str) -> torch.nn.Module:
     if fmt == "merged":
-        return _auto(kind).from_pretrained(folder)
+        return auto_class(kind).from_pretrained(folder)
     try:
         import peft
     except ImportError:

@@ -107,6 +107,13 @@ class Model:
                         batch_size=batch_size, max_new_tokens=max_new_tokens, max_length=self.max_length,
                         device=self.device)
 
+    def merge_and_unload(self) -> torch.nn.Module:
+        """A plain transformers model with the active adapter folded into its weights (LoRA and other
+        ``mergeable`` methods), the labels in its config; this Model is left as it was."""
+        from peftbench.using.merge import merged_model
+
+        return merged_model(self)
+
     # -- named adapters ------------------------------------------------------------------
     def add_adapter(self, name: str, path: str | Path, method: str | None = None, budget: str | None = None,
                     seed: int = 0, **selectors) -> None:
