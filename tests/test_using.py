@@ -469,3 +469,23 @@ def test_switching_between_every_insertion_mechanism_is_exact(tmp_path):
         assert torch.equal(model.logits(TEXTS), alone["lora" if name == "default" else name]), name
     model.remove_adapter(model.active_adapter)
     assert fingerprint(model.backbone) == model.meta["backbone_sha256"]  # the base is bit for bit the original
+
+
+def test_a_suite_with_two_budgets_asks_for_one(suite, tmp_path):
+    """The same LoRA trial stored again at another budget (a second real row of the store): the choice is
+    asked for by name, and --budget picks one (written as the suite wrote it, or an equal spelling)."""
+    from peftbench.results.store import Store
+    from peftbench.using.locate import find_trial
+
+    copy = tmp_path / "suite"
+    shutil.copytree(suite["dir"], copy)
+    with Store(copy / "results.sqlite", create=False) as store:
+        record = find_trial(copy, "lora", registry=REGISTRY)
+        spec = record.spec.model_copy(update={"budget": "10%"})
+        store.start(spec)
+        store.finish(spec.trial_id, record.result)
+    with pytest.raises(ConfigError, match="the suite has method 'lora' at 2 budgets \\(10%, 5%\\): choose one with "
+                                          "--budget"):
+        find_trial(copy, "lora", registry=REGISTRY)
+    assert find_trial(copy, "lora", budget="10.0%", registry=REGISTRY).trial_id == spec.trial_id
+    assert find_trial(copy, "LoRA", budget="5%", registry=REGISTRY).trial_id == record.trial_id
