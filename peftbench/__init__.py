@@ -27,7 +27,7 @@ from peftbench.contract.apply import apply, measure
 from peftbench.contract.costs import Cost
 from peftbench.contract.injection import Injection, load_injection
 from peftbench.backbones.layout import LINEAR_SITES, SITE_NAMES, ArchLayout, Site, is_conv1d, linear_shape
-from peftbench.contract.method import Method, MethodConfig
+from peftbench.contract.method import Method, MethodConfig, PeftAdapter
 from peftbench.contract.registry import get_registry
 from peftbench.backbones import quant
 from peftbench.backbones.quant import logical_numel
@@ -46,19 +46,28 @@ def get_task(spec: str, registry=None, **options) -> Task:
 __all__ = [
     "ReportContext", "Section", "apply", "measure", "Cost",
     "ArchLayout", "AssetError", "Backbone", "BackboneSpec", "Budget", "BudgetError", "ConfigError", "Cost",
-    "Injection", "LINEAR_SITES", "LayoutError", "Method", "MethodConfig", "PeftbenchError", "PluginError",
+    "Injection", "LINEAR_SITES", "LayoutError", "Method", "MethodConfig", "PeftAdapter", "PeftbenchError", "PluginError",
     "SITE_NAMES", "Site", "Solution", "TASK_KINDS", "VerificationError", "apply", "from_config", "get_registry",
     "hookimpl", "hookspec", "is_conv1d", "linear_shape", "load_backbone", "load_injection", "logical_numel",
     "measure", "parse_budget", "quant", "solve", "solve_or_raise", "spec_for",
-    "Task", "get_task", "packaged_data",
+    "Task", "get_task", "packaged_data", "load", "Model",
 ]
 
 
 def __getattr__(name: str):
     """``peftbench.Section`` and ``peftbench.ReportContext`` for report plugins, imported on first use
-    (the report's statistics need scipy, which the rest of the API does not)."""
+    (the report's statistics need scipy, which the rest of the API does not); ``peftbench.load`` and
+    ``peftbench.Model`` (using a trained adapter) likewise."""
     if name in ("ReportContext", "Section"):
         from peftbench.report import context
 
         return getattr(context, name)
+    if name == "load":
+        from peftbench.using.load import load
+
+        return load
+    if name == "Model":
+        from peftbench.using.model import Model
+
+        return Model
     raise AttributeError(f"module 'peftbench' has no attribute {name!r}")

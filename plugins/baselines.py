@@ -24,6 +24,7 @@ class Full(peftbench.Method):
     schedule_lr = 2e-4  # (5e-5: 0.480, 1e-4: 0.780, 2e-4: 0.795)
     reference = "ceiling"  # the reference the report measures against: the zero of its relative plot
     budgeted = False
+    mergeable = True  # it trains the backbone's own weights: the trained model is a plain checkpoint
 
     def param_count(self, cfg, spec) -> int:
         return spec.base_params  # the whole backbone, head excluded
@@ -54,6 +55,7 @@ class Head(peftbench.Method):
     schedule_lr = 3e-2  # (3e-3: 0.460, 1e-2: 0.470, 3e-2: 0.540) the head alone stays near chance in 50 steps
     reference = "floor"
     budgeted = False
+    mergeable = True  # only the head changes: a plain checkpoint
 
     def param_count(self, cfg, spec) -> int:
         return 0
@@ -74,6 +76,7 @@ class TopK(peftbench.Method):
     aliases = ("top-k",)
     default_lr = 1e-4
     in_default_grid = False  # optional: run it with --methods ...,topk
+    mergeable = True  # it trains the backbone's own weights: the trained model is a plain checkpoint
 
     def knob_range(self, cfg, spec):
         return 1, spec.layers

@@ -352,10 +352,51 @@ class LoRA(peftbench.Method):
         # L * sum over targets of r * (d_in + d_out)
         return lora_params(cfg.r, target_names(self.name, cfg.targets, spec), spec)
 
+    mergeable = True  # merge() folds (alpha / r) B A into each target's weight: nothing else remains
+
     def inject(self, backbone, cfg):
         injection = LoRAInjection(backbone, self, cfg)
         add_lora(injection, target_names(self.name, cfg.targets, backbone.spec), cfg.r, cfg.alpha, cfg.dropout)
         return injection
+
+    def peft_adapter(self, injection):
+        return peft_lora(injection, injection.lora_layers)
+
+
+def peft_lora(injection, layers: list[LoRALinear]) -> peftbench.PeftAdapter | None:
+    """LoRA wrappers in peft's format: one ``lora_A``/``lora_B`` per target module (its full path).
+
+    A fused projection whose slices have their own LoRA (GPT-2's q|k|v) becomes one peft LoRA of rank
+    n r: A stacks the n slices' A_i (already so stored), B is block-structured, slice i's rows (its
+    output columns) holding B_i in columns i r:(i+1) r, zeros elsewhere; its alpha is n alpha so
+    peft's alpha / rank stays alpha / r. None when a base is 4-bit (peft's LoRA would sit on fp weights).
+    """
+    paths = {id(module): name for name, module in injection.backbone.model.named_modules()}
+    cfg = injection.config
+    tensors, targets, ranks, alphas, conv1d = {}, [], {}, {}, set()
+    for layer in layers:
+        if peftbench.quant.is_4bit(layer.base_layer):
+            return None
+        path = paths[id(layer)]
+        targets.append(path)
+        conv1d.add(peftbench.is_conv1d(layer.base_layer))
+        a, b = layer.lora_A.weight.detach(), layer.lora_B.weight.detach()
+        if layer.slices:
+            n, r = len(layer.slices), layer.r
+            d_out = peftbench.linear_shape(layer.base_layer)[1]
+            full = b.new_zeros(d_out, n * r)  # (d_out, n r)
+            for i, (start, end) in enumerate(layer.slices):
+                full[start:end, i * r:(i + 1) * r] = b[i * (end - start):(i + 1) * (end - start)]
+            b = full
+            ranks[path], alphas[path] = n * r, n * cfg.alpha
+        tensors[f"base_model.model.{path}.lora_A.weight"] = a.clone()
+        tensors[f"base_model.model.{path}.lora_B.weight"] = b.clone()
+    if len(conv1d) > 1:
+        return None  # peft's fan_in_fan_out is one flag for every target
+    config = {"peft_type": "LORA", "r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
+              "target_modules": targets, "fan_in_fan_out": conv1d == {True}, "bias": "none",
+              "rank_pattern": ranks, "alpha_pattern": alphas}
+    return peftbench.PeftAdapter(config, tensors)
 
 
 @peftbench.hookimpl

@@ -150,7 +150,18 @@ class Prompt(peftbench.Method):
         injection = peftbench.Injection(backbone, self, cfg)
         soft = injection.attach(backbone.base_model, "prompt", SoftPrompt(backbone.embeddings(), cfg.n, cfg.init))
         attach_input_prompt(injection, soft, cfg.n)
+        injection.soft_prompt = soft
         return injection
+
+    def peft_adapter(self, injection):
+        # peft's prompt tuning prepends its (n, d) prompt_embeddings to the input embeddings, with ones
+        # in the attention mask and zeros in token_type_ids: what attach_input_prompt does
+        spec = injection.backbone.spec
+        config = {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": injection.config.n, "token_dim": spec.hidden,
+                  "num_transformer_submodules": 1, "num_attention_heads": spec.heads, "num_layers": spec.layers,
+                  "prompt_tuning_init": "RANDOM"}
+        return peftbench.PeftAdapter(config, {"prompt_embeddings": injection.soft_prompt.prompt.detach().clone()},
+                                     head_prefix="base_model.")
 
 
 @peftbench.hookimpl

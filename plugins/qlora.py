@@ -64,6 +64,11 @@ class QLoRA(LoRA):
     # knob_range and param_count are LoRA's: L * sum over targets of r * (d_in + d_out);
     # the 4-bit weights are frozen and not counted
 
+    mergeable = False  # merged into 4-bit weights it is requantised: not the trained function, not a plain checkpoint
+
+    def peft_adapter(self, injection):
+        return None  # its base is 4-bit here; peft's LoRA on the fp32 base would compute something else
+
     def check(self, cfg, spec):
         peftbench.quant.require_bitsandbytes(self.name)
         super().check(cfg, spec)

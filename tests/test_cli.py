@@ -14,7 +14,8 @@ from peftbench.cli import build_parser, main
 REGISTRY = peftbench.get_registry()
 
 
-@pytest.mark.parametrize("command", [[], ["methods"], ["plugins"], ["solve"], ["run"], ["report"], ["download"]])
+@pytest.mark.parametrize("command", [[], ["methods"], ["plugins"], ["solve"], ["run"], ["report"], ["download"],
+                                     ["predict"], ["export"]])
 def test_help_everywhere(command, capsys):
     with pytest.raises(SystemExit) as exc:
         main([*command, "--help"])
@@ -76,5 +77,5 @@ def test_bad_input_is_one_clear_line(argv, message, capsys):
 
 def test_parser_lists_every_command():
     text = build_parser().format_help()
-    for command in ("methods", "plugins", "solve", "run", "report", "download"):
+    for command in ("methods", "plugins", "solve", "run", "report", "download", "predict", "export"):
         assert command in text

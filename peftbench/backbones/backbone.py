@@ -133,6 +133,11 @@ class Backbone:
         unknown = sorted(set(state) - set(params))
         if unknown:
             raise ConfigError(f"saved head has parameters this backbone lacks: {unknown}")
+        wrong = [f"{n} saved {tuple(t.shape)}, backbone {tuple(params[n].shape)}" for n, t in state.items()
+                 if tuple(t.shape) != tuple(params[n].shape)]
+        if wrong:
+            raise ConfigError(f"saved head has other shapes than this backbone's ({'; '.join(wrong)}): "
+                              f"a different number of labels?")
         with torch.no_grad():
             for name, tensor in state.items():
                 params[name].copy_(tensor.to(params[name].device, params[name].dtype))

@@ -33,6 +33,8 @@ if TYPE_CHECKING:  # pragma: no cover
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
 ATTACH_PREFIX = "peftbench_"
+#: the version of what ``save`` writes; 0: folders written before versions (no labels, no backbone hash)
+ADAPTER_FORMAT_VERSION = 1
 
 
 class Injection:
@@ -47,6 +49,7 @@ class Injection:
         self._base_trainable: dict[str, nn.Parameter] = {}  # base params the method trains
         self.finalized = False
         self.removed = False
+        self._kept_base = False  # trained base parameters' values kept for remove() (see load_state_dict)
         #: parameters requiring grad after injection (head excluded), counted by ``apply``
         self.trainable_params: int | None = None
 
@@ -166,12 +169,34 @@ class Injection:
                 f"method {self.method.name!r}: saved weights do not match the injection "
                 f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
             )
+        wrong = [f"{k} saved {tuple(state[k].shape)}, injection {tuple(t.shape)}"
+                 for k, t in own.items() if tuple(state[k].shape) != tuple(t.shape)]
+        if wrong:
+            raise ConfigError(f"method {self.method.name!r}: saved weights have other shapes than the injection "
+                              f"({'; '.join(wrong[:3])}{f'; {len(wrong) - 3} more' if len(wrong) > 3 else ''})")
+        self._keep_base_values()
         with torch.no_grad():
             for key, tensor in own.items():
                 tensor.copy_(state[key].to(tensor.device, tensor.dtype))
 
-    def save(self, directory: str | Path, include_head: bool = True) -> Path:
-        """Write ``adapter_model.safetensors`` (method weights, plus ``head.*``) and the JSON config."""
+    def _keep_base_values(self) -> None:
+        """Before loaded weights overwrite base parameters the method trains (Houlsby's LayerNorms, full
+        fine-tuning), keep their values, so ``remove()`` restores them too (switching adapters)."""
+        if not self._base_trainable or self._kept_base:
+            return
+        kept = {name: (p, p.detach().clone()) for name, p in self._base_trainable.items()}
+
+        def restore():
+            with torch.no_grad():
+                for param, value in kept.values():
+                    param.copy_(value)
+
+        self._undo.append(restore)
+        self._kept_base = True
+
+    def save(self, directory: str | Path, include_head: bool = True, metadata: dict | None = None) -> Path:
+        """Write ``adapter_model.safetensors`` (method weights, plus ``head.*``) and the JSON config;
+        ``metadata`` (label names, the backbone's hash, ...) is added to the config."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
@@ -185,6 +210,8 @@ class Injection:
             "finalized": self.finalized,
             "backbone": self.backbone.spec.name,
             "model_type": self.backbone.spec.model_type,
+            "format_version": ADAPTER_FORMAT_VERSION,
+            **(metadata or {}),
         }
         (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         return directory
@@ -205,7 +232,16 @@ def load_injection(backbone: "Backbone", directory: str | Path, registry) -> Inj
     if not meta_path.exists():
         raise ConfigError(f"{directory} holds no {CONFIG_FILE}: not a saved peftbench injection")
     meta = json.loads(meta_path.read_text())
-    method = registry.method(meta["method"])
+    version = meta.get("format_version", 0)
+    if not isinstance(version, int) or not 0 <= version <= ADAPTER_FORMAT_VERSION:
+        raise ConfigError(f"{meta_path}: format_version {version!r} is unknown; this peftbench reads versions "
+                          f"0..{ADAPTER_FORMAT_VERSION} (a newer peftbench wrote it?)")
+    if "method" not in meta or "config" not in meta:
+        raise ConfigError(f"{meta_path} names no method and config: not a saved peftbench injection")
+    try:
+        method = registry.method(meta["method"])
+    except ConfigError as exc:
+        raise ConfigError(f"{directory} was saved by method {meta['method']!r}, which is not installed here ({exc})") from None
     injection = apply(method, backbone, meta["config"])
     try:
         if meta.get("finalized"):

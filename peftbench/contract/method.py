@@ -10,7 +10,7 @@ The class attributes below are what the core asks of a method; it never names on
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -34,6 +34,19 @@ def format_validation_error(prefix: str, exc: ValidationError) -> str:
         got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
         parts.append(f"{prefix}field {path!r}: {err['msg']}{got}")
     return "; ".join(parts)
+
+
+class PeftAdapter(NamedTuple):
+    """An injection in peft's saved format (``Method.peft_adapter``): ``config`` holds the method's
+    ``adapter_config.json`` fields (``peft_type``, ``r``, ``target_modules`` as module paths, ...);
+    ``tensors`` its weights under the names peft saves them by (``base_model.model.<module path>.lora_A.weight``
+    for a tuner, ``prompt_embeddings`` for prompt learning); ``head_prefix`` is what peft puts before
+    the task head's parameter names. The exporter adds the task type, the head (``modules_to_save``)
+    and the base model."""
+
+    config: dict[str, Any]
+    tensors: dict[str, Any]
+    head_prefix: str = "base_model.model."
 
 
 class Method:
@@ -71,6 +84,9 @@ class Method:
     #: with the knob when the knob alone cannot reach a budget; ``secondary_values`` lists its
     #: candidates, largest first. None: the method has none
     secondary: ClassVar[str | None] = None
+    #: ``Injection.merge()`` folds everything the method adds into the backbone's own weights, so
+    #: the merged model is a plain transformers checkpoint (``peftbench export --format merged``)
+    mergeable: ClassVar[bool] = False
 
     # -- configs ---------------------------------------------------------------------------
     def config(self, values: dict[str, Any] | MethodConfig | None = None, **overrides) -> MethodConfig:
@@ -133,6 +149,11 @@ class Method:
         """
         raise NotImplementedError
 
+    def peft_adapter(self, injection: "Injection") -> PeftAdapter | None:
+        """The trained ``injection`` in peft's format (``peftbench export --format peft``), or None when
+        peft has no equivalent of the method (the default)."""
+        return None
+
     def describe(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -144,6 +165,7 @@ class Method:
             "schedule_lr": self.schedule_lr,
             "in_default_grid": self.in_default_grid,
             "reference": self.reference,
+            "mergeable": self.mergeable,
         }
 
     def __repr__(self) -> str:

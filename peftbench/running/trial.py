@@ -67,11 +67,11 @@ def _bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _save(injection, backbone, directory: Path | None) -> int:
-    """Save the adapter (+ head); return the adapter's stored bytes (file size minus the head's tensors)."""
+def _save(injection, backbone, directory: Path | None, metadata: dict | None = None) -> int:
+    """Save the adapter (+ head, + ``metadata``); return the adapter's stored bytes (file size minus the head's tensors)."""
     with tempfile.TemporaryDirectory(prefix="peftbench-adapter-") as tmp:
         target = directory if directory is not None else Path(tmp)
-        injection.save(target)
+        injection.save(target, metadata=metadata)
         size = (target / WEIGHTS_FILE).stat().st_size
     return size - _bytes(backbone.head_parameters().values())
 
@@ -101,6 +101,8 @@ def run_trial(spec: TrialSpec, options: RunOptions, artifacts: str | None, regis
     raw_data(task, spec.task, cfg)  # before the backbone: the head's size comes from the labels
     backbone = load_trial_backbone(spec.backbone, task, spec.seed, device, registry)
     data = encoded_data(task, spec.task, backbone, cfg)
+    saved = folder is not None and options.save_weights
+    metadata = adapter_metadata(task, backbone, cfg) if saved else None  # before apply: the base's own weights
     injection = apply(method, backbone, spec.method_config)
     backbone.model.to(device)
     if injection.trainable_params != spec.trainable_params:
@@ -132,7 +134,7 @@ def run_trial(spec: TrialSpec, options: RunOptions, artifacts: str | None, regis
             test_metrics = compute_metrics(task, out.predictions, out.label_ids)
             chance = majority_scores(task, data["train"]["labels"], out.label_ids)
     injection.finalize()
-    stored_bytes = _save(injection, backbone, folder / "adapter" if folder and options.save_weights else None)
+    stored_bytes = _save(injection, backbone, folder / "adapter" if saved else None, metadata)
     peak_bytes, mem_kind = peak.stop()
 
     overhead = _inference_overhead(spec.backbone, task, backbone, injection, data["latency"], spec.seed, device,
@@ -154,6 +156,15 @@ def run_trial(spec: TrialSpec, options: RunOptions, artifacts: str | None, regis
                 **({"test": f"read once, by this final trial: {task.origins.get('test', '')}"}
                    if spec.role == "final" else {})},
     )
+
+
+def adapter_metadata(task, backbone, cfg) -> dict:
+    """What a saved adapter records so that ``peftbench.load`` can rebuild and check it alone."""
+    from peftbench.backbones.fingerprint import fingerprint
+
+    return {"task": task.name, "task_kind": task.kind, "labels": list(task.labels), "num_labels": task.num_labels,
+            "text_columns": list(task.text_columns), "max_length": cfg.max_length,
+            "backbone_sha256": fingerprint(backbone)}
 
 
 def majority_scores(task, train_labels, test_labels) -> dict[str, float]:
