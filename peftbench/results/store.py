@@ -132,9 +132,12 @@ def _connect_readonly(path: Path) -> sqlite3.Connection:
 
 
 def check_store(path: Path) -> None:
-    """An error when the file at ``path`` is not a results store SQLite can read (nothing is written)."""
+    """An error when the file at ``path`` is not a results store SQLite can read (nothing is written).
+
+    Opened immutable: a read-only connection to a WAL store would leave a ``-shm`` file behind.
+    """
     try:
-        conn = _connect_readonly(path)
+        conn = sqlite3.connect(f"{path.absolute().as_uri()}?immutable=1", uri=True)
         try:
             conn.execute("SELECT name FROM sqlite_master").fetchall()
         finally:
