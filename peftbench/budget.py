@@ -27,6 +27,11 @@ class Budget:
     fraction: float | None = None
     count: int | None = None
 
+    @property
+    def key(self) -> tuple[float | None, int | None]:
+        """What makes two budgets one (``1M`` and ``1000k``, ``1%`` and ``1.0%``), whatever their text."""
+        return self.fraction, self.count
+
     def target(self, base_params: int) -> int:
         if self.count is not None:
             return self.count

@@ -217,8 +217,7 @@ class SuiteConfig(_Strict):
         """The budgets without repeats (``1%`` and ``1.0%`` are one; ``1M`` and ``1000k`` too), in order."""
         out, seen = [], {}
         for text in self.budgets:
-            parsed = parse_budget(text)
-            key = (parsed.fraction, parsed.count)
+            key = parse_budget(text).key
             if key in seen:
                 if notes is not None:
                     notes.append(f"budget {text} is listed twice" + (f" (as {seen[key]})" if seen[key] != text else "")
