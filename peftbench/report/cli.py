@@ -13,8 +13,7 @@ from pathlib import Path
 from peftbench.errors import ConfigError, did_you_mean
 from peftbench.report.render import write_report
 from peftbench.results.store import Store, suite_dirs
-
-STORE_FILE = "results.sqlite"
+from peftbench.running.suite_dir import STORE_FILE, unwritable
 
 
 def add_report_arguments(parser) -> None:
@@ -41,13 +40,11 @@ def _source(args, out: Path) -> Path:
 
 
 def _check_target(target: Path, source: Path) -> None:
-    for folder in (target, *target.parents):
-        if folder.exists() and not folder.is_dir():
-            raise ConfigError(f"{folder} is a file, not a folder; give --out a folder")
-    existing = target
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not os.access(existing, os.W_OK | os.X_OK):
+    blocked = unwritable(target)
+    if blocked and blocked[0] == "file":
+        raise ConfigError(f"{blocked[1]} is a file, not a folder; give --out a folder")
+    if blocked:
+        existing = blocked[1]
         hint = (f"render it elsewhere with: peftbench report {source} --out DIR" if target.resolve() == source.resolve()
                 else "give --out a writable folder")
         raise ConfigError(f"{existing} is read-only, so {target / 'report.md'} cannot be written; {hint}")

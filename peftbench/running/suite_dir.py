@@ -29,20 +29,28 @@ def _diff(old, new, path: str = "") -> list[str]:
     return [] if old == new else [f"{path}: {json.dumps(old)} -> {json.dumps(new)}"]
 
 
-def _nearest_existing(path: Path) -> Path:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
+def unwritable(target: Path) -> tuple[str, Path] | None:
+    """Why the folder ``target`` cannot be created or written: ``("file", path)`` when a path on the
+    way is a file, ``("read-only", folder)`` when its nearest existing folder cannot be written; None
+    when it can. The callers (``run``, ``report``) word the error."""
+    for folder in (target, *target.parents):
+        if folder.exists() and not folder.is_dir():
+            return "file", folder
+    existing = target
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    return None if os.access(existing, os.W_OK | os.X_OK) else ("read-only", existing)
 
 
 def check_writable(out: Path, suite_dir: Path) -> None:
     """Errors, before anything is written, for an ``--out`` that is a file or a folder this process cannot write."""
-    for folder in (suite_dir, *suite_dir.parents):
-        if folder.exists() and not folder.is_dir():
-            what = "--out" if folder == out else f"{folder} (on the way to {suite_dir})"
-            raise ConfigError(f"{what} is a file, not a folder: {folder}; give --out a folder (it is created when missing)")
-    existing = _nearest_existing(suite_dir)
-    if not os.access(existing, os.W_OK | os.X_OK):
+    blocked = unwritable(suite_dir)
+    if blocked and blocked[0] == "file":
+        folder = blocked[1]
+        what = "--out" if folder == out else f"{folder} (on the way to {suite_dir})"
+        raise ConfigError(f"{what} is a file, not a folder: {folder}; give --out a folder (it is created when missing)")
+    if blocked:
+        existing = blocked[1]
         raise ConfigError(f"{existing} is read-only, so the suite folder {suite_dir} cannot be written; nothing was "
                           f"changed; give --out a writable folder (or make this one writable)")
     if suite_dir.is_dir():
