@@ -55,6 +55,7 @@ def setup_section(ctx: ReportContext) -> Section:
         f"- **Statistics:** {STATISTICS}",
         f"- **Trials:** {_trials(finals)}",
     ]
+    lines += _starts(finals)
     if ctx.searches:
         lines.append(f"- **Search trials:** {_trials(ctx.searches)}; selected on validation, not in the tables")
     if ctx.info.get("hash"):
@@ -62,6 +63,21 @@ def setup_section(ctx: ReportContext) -> Section:
     lines += _environments(finals)
     lines += ["", CONFIG_COLUMNS]
     return Section("\n".join(lines), title="Setup", key="setup")
+
+
+def _starts(records: list[TrialRecord]) -> list[str]:
+    """Two-stage training: which rows started from a trained adapter, and from which (per seed)."""
+    rows: dict[str, list[str]] = {}
+    for r in sorted(records, key=lambda r: (r.spec.display, r.spec.seed)):
+        if r.spec.init_from:
+            head = "adapter and task head" if r.spec.init_from.get("task_head") else "adapter; task head fresh"
+            rows.setdefault(r.spec.display, []).append(f"seed {r.spec.seed} from {r.spec.init_from['source']} "
+                                                       f"({head})")
+    if not rows:
+        return []
+    return ["- **Two-stage training** (each trial started from a trained adapter of the same method and size, then "
+            "trained under this suite's schedule): " + "; ".join(f"{name}: {', '.join(items)}"
+                                                                  for name, items in rows.items())]
 
 
 def command_text(info: dict) -> str | None:

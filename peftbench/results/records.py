@@ -110,6 +110,9 @@ class TrialSpec(_Frozen):
     search_params: dict[str, Any] = Field(default_factory=dict,
                                           description="search: the sampled values; final: the selected ones")
     search_space: dict[str, Any] = Field(default_factory=dict, description="the space searched, as declared")
+    # -- two-stage training ------------------------------------------------------------------
+    init_from: dict[str, Any] = Field(default_factory=dict, description="the trained adapter the trial starts from "
+                                      "(running.init_from): source, path, weights_sha256, task_head; empty: none")
 
     @field_validator("method_config")
     @classmethod
@@ -139,6 +142,9 @@ class TrialSpec(_Frozen):
             data["search_index"] = self.search_index
         if self.search_params:
             data["search_params"] = self.search_params
+        if self.init_from:  # what the start computes from: the source's weights (not where they lie) and the task head
+            data["init_from"] = {"weights_sha256": self.init_from["weights_sha256"],
+                                 "task_head": self.init_from["task_head"]}
         return data
 
     @property

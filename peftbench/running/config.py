@@ -42,12 +42,45 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class InitFrom(_Strict):
+    """Two-stage training: a trial starts from a trained adapter instead of the method's initialisation.
+
+    ``path`` is what ``peftbench.load`` takes: a suite folder (the trial is chosen by ``method``,
+    ``budget``, ``seed``, ``task``, ``backbone``, ``variant``; unset ``method``, ``budget`` and ``seed``
+    are the starting trial's own, so seed 2 starts from the source's seed 2), a trial folder or an
+    adapter folder. The source must be the same method at the same config (size) on the same base
+    weights: the budget and its verification are the trial's own. ``head``: also start from the
+    source's task head (the same number of labels; label i is taken to mean label i)."""
+
+    path: str
+    method: str | None = None
+    budget: str | None = None
+    seed: int | None = None
+    task: str | None = None
+    backbone: str | None = None
+    variant: str | None = None
+    head: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _path(cls, value):
+        return {"path": value} if isinstance(value, str) else value
+
+    @property
+    def short(self) -> str:
+        """How a variant names it: the source folder's name (and its method, when another is named)."""
+        name = Path(self.path.rstrip("/")).name or self.path
+        return name + (f"/{self.method}" if self.method else "") + (" +head" if self.head else "")
+
+
 class MethodEntry(_Strict):
-    """A method with config overrides and its own learning rate: ``{name: lora, config: {alpha: 16}, lr: 5e-4}``."""
+    """A method with config overrides and its own learning rate: ``{name: lora, config: {alpha: 16}, lr: 5e-4}``;
+    ``init_from`` starts its trials from a trained adapter (``InitFrom``)."""
 
     name: str
     config: dict[str, Any] = Field(default_factory=dict)
     lr: float | None = Field(None, gt=0)
+    init_from: InitFrom | None = None
 
 
 class TrainingConfig(TrainingSpec):
@@ -127,6 +160,8 @@ class SuiteConfig(_Strict):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     search: SearchConfig | None = Field(None, description="equal-effort search per group before the final seeds "
                                                           "(running.search); null or 0 trials: none")
+    init_from: InitFrom | None = Field(None, description="two-stage training for every method entry without its own "
+                                                         "init_from: each starts from its own method's adapter there")
     #: set by ``plan.finish_suite`` once names are canonical and learning rates resolved (done once per suite)
     _finished: bool = PrivateAttr(False)
     #: what ``finish_suite`` changed that the user should hear about (repeats dropped)
@@ -198,7 +233,11 @@ class SuiteConfig(_Strict):
                 name = registry.canonical(entry.name)
             except ConfigError as exc:
                 raise ConfigError(f"field 'methods.{i}': {exc}") from None
-            key = (name, canonical_json(entry.config))  # one method twice is fine with two configs (an ablation)
+            init = self.init_from if entry.init_from is None else entry.init_from
+            if init is not None and entry.init_from is None:
+                entry = entry.model_copy(update={"init_from": init})
+            # one method twice is fine with two configs (an ablation), or from scratch and from an adapter
+            key = (name, canonical_json(entry.config), canonical_json(init.model_dump() if init else None))
             if key in seen:
                 first = raw[seen[key]]
                 if first.lr != entry.lr:
@@ -230,6 +269,9 @@ class SuiteConfig(_Strict):
     def identity(self) -> dict:
         """What identifies the suite's results: everything but where and how it runs."""
         data = self.model_dump(mode="json", exclude=set(SUITE_RUN_ONLY))
+        for entry in data.get("methods") or []:  # added later: only when set, so older suites keep their hash
+            if entry.get("init_from") is None:
+                entry.pop("init_from", None)
         for key in RUN_ONLY:
             data["training"].pop(key, None)
         for key in ADDED_SUITE_FIELDS:  # added later: in the identity only when set, so older suites keep theirs
@@ -247,7 +289,7 @@ class SuiteConfig(_Strict):
 
 
 #: suite fields added after suites were first stored (identity only when set)
-ADDED_SUITE_FIELDS = ("preset", "search")
+ADDED_SUITE_FIELDS = ("preset", "search", "init_from")
 #: suite fields that say where and how the grid runs, not what it computes (left out of the hash)
 SUITE_RUN_ONLY = ("suite", "out", "executor", "ray", "artifacts_dir")
 

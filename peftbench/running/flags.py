@@ -130,6 +130,9 @@ FLAGS: tuple[Flag, ...] = (
     Flag("label_column", "grid", "file:/hub: tasks: the label (or target) column", options={"metavar": "COL"}),
     Flag("drop_invalid", "grid", "file:/hub: tasks: drop rows without text or label (null, NaN, empty), with a "
          "warning and counts, instead of stopping with an error naming them", kind="switch"),
+    Flag("init_from", "grid", "two-stage training: every method starts from its own trained adapter in PATH (a suite "
+         "folder: the trial at the same budget and seed; or a trial or adapter folder), same config and base required",
+         "init_from", options={"metavar": "PATH"}),
     Flag("preset", "training", "a named schedule: converged (20 epochs, early stopping on validation, capped at "
          "3,000 steps); flags and the suite's training section win over it", "preset", options={"metavar": "NAME"}),
     Flag("step_cap", "training", "at most N optimizer steps per trial, however many epochs", "training.step_cap",

@@ -52,11 +52,12 @@ def make_plan(suite: SuiteConfig, registry) -> Plan:
     for entry in suite.methods:
         method = registry.method(entry.name)
         cfg = method.config(entry.config)
-        variant = (", ".join(f"{k}={v}" for k, v in sorted(entry.config.items())) or "defaults") \
-            if entry.name in twice else ""
+        variant = ", ".join([f"{k}={v}" for k, v in sorted(entry.config.items())]
+                            + ([f"init_from={entry.init_from.short}"] if entry.init_from else []))
+        variant = (variant or "defaults") if entry.name in twice or entry.init_from else ""
         methods.append(Planned(method, cfg, learning_rate(method, entry.lr, suite.training.lr),
                                frozenset(entry.config), method.pinned_fields(entry.config) if method.budgeted else [],
-                               variant))
+                               variant, entry.init_from))
     training = suite.training.spec()
     plan = Plan(suite=suite, name=suite.suite, warnings=list(suite._notes))
     for task_entry in suite.tasks:
@@ -69,8 +70,13 @@ def make_plan(suite: SuiteConfig, registry) -> Plan:
             solved = _solve_all(methods, spec, suite.budgets, backbone)
             for seed in suite.seed_list():
                 for p, budget, sol in solved:
-                    plan.trials.append(_trial(plan.name, task_entry, task, backbone, spec, p.method, p.cfg, p.lr,
-                                              budget, sol, seed, training, pinned=bool(p.pinned), variant=p.variant))
+                    trial = _trial(plan.name, task_entry, task, backbone, spec, p.method, p.cfg, p.lr, budget, sol,
+                                   seed, training, pinned=bool(p.pinned), variant=p.variant)
+                    if p.init is not None:  # two-stage: the source is found and checked now, before training
+                        from peftbench.running.init_from import resolve
+
+                        trial = trial.model_copy(update={"init_from": resolve(p.init, trial, task.num_labels, registry)})
+                    plan.trials.append(trial)
             plan.warnings += [f"{p.method.name} at {budget}: {sol.note}" for p, budget, sol in solved
                               if p.pinned and budget]
     return plan
@@ -85,7 +91,8 @@ class Planned:
     lr: float
     given: frozenset  # config fields the user wrote
     pinned: list  # size fields among them: the size is the user's, not the solver's
-    variant: str = ""  # which config, when the suite lists the method twice
+    variant: str = ""  # which config, when the suite lists the method twice (or starts it from an adapter)
+    init: object = None  # the entry's InitFrom (two-stage training), else None
 
 
 def _solve_all(methods: list[Planned], spec, budgets: list[str], backbone: str) -> list[tuple]:

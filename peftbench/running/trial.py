@@ -103,11 +103,20 @@ def run_trial(spec: TrialSpec, options: RunOptions, artifacts: str | None, regis
     data = encoded_data(task, spec.task, backbone, cfg)
     saved = folder is not None and options.save_weights
     metadata = adapter_metadata(task, backbone, cfg) if saved else None  # before apply: the base's own weights
+    base_sha256 = None
+    if spec.init_from and spec.init_from.get("backbone_sha256"):  # also before apply
+        from peftbench.backbones.fingerprint import fingerprint
+
+        base_sha256 = metadata["backbone_sha256"] if metadata else fingerprint(backbone)
     injection = apply(method, backbone, spec.method_config)
     backbone.model.to(device)
     if injection.trainable_params != spec.trainable_params:
         raise VerificationError(f"method {spec.method!r}: the plan says {spec.trainable_params:,} trainable "
                                 f"parameters, the injection made {injection.trainable_params:,}")
+    if spec.init_from:  # two-stage training: the checked injection starts from the source's weights
+        from peftbench.running.init_from import start_from
+
+        start_from(injection, backbone, spec, base_sha256)
 
     generation_eval = _generation_eval(task, backbone, spec, device) if task.kind == "generation" else None
 
