@@ -58,6 +58,10 @@ def setup_section(ctx: ReportContext) -> Section:
     lines += _starts(finals)
     if ctx.searches:
         lines.append(f"- **Search trials:** {_trials(ctx.searches)}; selected on validation, not in the tables")
+        reused = sum(1 for r in finals if r.result is not None and r.result.environment.get("reused_search_trial"))
+        if reused:
+            lines.append(f"- **Reused:** {reused} final trials are their selected search trial (the same seed, values "
+                         f"and schedule, not pruned): trained once, then evaluated on test; the others trained anew")
     if ctx.info.get("hash"):
         lines.append(f"- **Suite hash:** `{ctx.info['hash']}`")
     lines += _environments(finals)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from peftbench.results.records import TrialResult, TrialSpec
+from peftbench.results.records import TrialRecord, TrialResult, TrialSpec
 from peftbench.running.artifacts import is_remote, upload, write_text
 from peftbench.running.options import RunOptions
 from peftbench.running.search import Pruning
@@ -31,11 +31,16 @@ class Outcome:
     result: TrialResult | None = None
 
 
-def _run(spec: TrialSpec, options: RunOptions, artifacts: str | None, registry, pruning: Pruning | None) -> Outcome:
+def _run(spec: TrialSpec, options: RunOptions, artifacts: str | None, registry, pruning: Pruning | None,
+         reuse: TrialRecord | None = None) -> Outcome:
     from peftbench.running.train import Diverged
     from peftbench.running.trial import run_trial
 
     try:
+        if reuse is not None:  # its search trained it already: read test with the search's adapter
+            from peftbench.running.reuse import evaluate_reused
+
+            return Outcome("done", None, evaluate_reused(spec, reuse, options, artifacts, registry))
         return Outcome("done", None, run_trial(spec, options, artifacts, registry, pruning))
     except Diverged as exc:
         return Outcome("diverged", str(exc), exc.result)
@@ -49,13 +54,14 @@ def _run(spec: TrialSpec, options: RunOptions, artifacts: str | None, registry, 
 
 
 def execute_trial(spec: TrialSpec, options: RunOptions, artifacts: str | None, registry,
-                  pruning: Pruning | None = None) -> Outcome:
-    """Run one trial and say how it went; ``artifacts``: its folder or URL (None: keep nothing)."""
+                  pruning: Pruning | None = None, reuse: TrialRecord | None = None) -> Outcome:
+    """Run one trial and say how it went; ``artifacts``: its folder or URL (None: keep nothing);
+    ``reuse``: the search trial that trained it already (``running.reuse``)."""
     if not is_remote(artifacts):
-        return _run(spec, options, artifacts, registry, pruning)
+        return _run(spec, options, artifacts, registry, pruning, reuse)
     with tempfile.TemporaryDirectory(prefix="peftbench-trial-") as tmp:
         local = str(Path(tmp) / "trial")
-        outcome = _run(spec, options, local, registry, pruning)
+        outcome = _run(spec, options, local, registry, pruning, reuse)
         result = (outcome.result or TrialResult()).model_copy(update={"artifacts": artifacts})
         status, error = outcome.status, outcome.error
         try:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from peftbench.errors import ConfigError
-from peftbench.results.records import TrialResult, TrialSpec
+from peftbench.results.records import TrialRecord, TrialResult, TrialSpec
 from peftbench.running.artifacts import write_text
 from peftbench.running.execute import Outcome, execute_trial
 from peftbench.running.options import RunOptions
@@ -30,11 +30,13 @@ RAY_INSTALL = 'pip install "peftbench[ray]"'
 @dataclass(frozen=True)
 class Job:
     """A trial to run, the folder or URL its artifacts go to (None: keep none) and, for a search
-    trial, what its pruner needs (None: it runs to the end)."""
+    trial, what its pruner needs (None: it runs to the end); ``reuse``: for a final trial, the
+    selected search trial that already trained it (``running.reuse``)."""
 
     spec: TrialSpec
     artifacts: str | None
     pruning: Pruning | None = None
+    reuse: TrialRecord | None = None
 
     @property
     def trial_id(self) -> str:
@@ -63,7 +65,7 @@ class LocalExecutor:
     def run(self, jobs: list[Job], on_start: OnStart, on_done: OnDone) -> None:
         for job in jobs:
             on_start(job)
-            on_done(job, execute_trial(job.spec, self.options, job.artifacts, self.registry, job.pruning))
+            on_done(job, execute_trial(job.spec, self.options, job.artifacts, self.registry, job.pruning, job.reuse))
 
 
 def import_ray():
@@ -92,7 +94,7 @@ _WORKER_REGISTRY: dict[tuple, object] = {}
 
 
 def ray_trial(spec: TrialSpec, options: RunOptions, artifacts: str | None, dirs: tuple[str, ...] = (),
-              pruning: Pruning | None = None) -> Outcome:
+              pruning: Pruning | None = None, reuse: TrialRecord | None = None) -> Outcome:
     """The Ray task: one trial in a worker process (which may run many, one after another).
 
     The worker is a process of its own: it builds its registry once (installed plugins, plus
@@ -111,7 +113,7 @@ def ray_trial(spec: TrialSpec, options: RunOptions, artifacts: str | None, dirs:
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()  # bars from many workers would interleave in the driver's log
     datasets.disable_progress_bars()
-    return execute_trial(spec, options, artifacts, _WORKER_REGISTRY[dirs], pruning)
+    return execute_trial(spec, options, artifacts, _WORKER_REGISTRY[dirs], pruning, reuse)
 
 
 def _ray_error(exc: BaseException) -> str:
@@ -229,7 +231,8 @@ class RayExecutor:
                 while queue and len(running) < self._room(self.gpus):
                     job = queue.pop(0)
                     on_start(job)
-                    running[task.remote(job.spec, self.worker_options, job.artifacts, dirs, job.pruning)] = job
+                    running[task.remote(job.spec, self.worker_options, job.artifacts, dirs, job.pruning,
+                                         job.reuse)] = job
                 ready, _ = ray.wait(list(running), num_returns=1)
                 for ref in ready:
                     job = running.pop(ref)

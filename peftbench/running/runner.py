@@ -93,7 +93,8 @@ def run_plan(plan: Plan, store: Store, suite_dir: Path, executor, quiet: bool = 
                 bar.update(1)
             elif spec.trial_id not in queued:  # a trial listed twice runs once (its folder is cleared once, before)
                 queued.add(spec.trial_id)
-                pending.append(Job(spec, f"{root}/{spec.trial_id}"))
+                pending.append(Job(spec, f"{root}/{spec.trial_id}",
+                                   reuse=rounds.reuse.get(spec.trial_id) if rounds is not None else None))
         executor.prepare(pending)
         if announce is not None:
             announce([job.trial_id for job in pending])

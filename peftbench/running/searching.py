@@ -32,6 +32,7 @@ from peftbench.report.format import table
 from peftbench.results.records import TrialRecord, TrialSpec
 from peftbench.running.executors import Job
 from peftbench.running.plan import Plan, with_values
+from peftbench.running.reuse import reusable
 from peftbench.running.search import (Choice, Param, PastTrial, Pruning, SearchConfig, ask, check_space,
                                       describe_space, method_space, space_json)
 
@@ -106,6 +107,7 @@ class SearchRounds:
                                   f"{points} point(s), fewer than the {config.trials} search trials asked for; "
                                   f"give --search-trials {points} or more values")
         self.found: dict[tuple[GroupKey, int], TrialRecord] = {}
+        self.reuse: dict[str, TrialRecord] = {}  # set by finals()
         for record in (store.records(plan.name) if store is not None else []):
             if record.spec.role == "search" and record.spec.search_index is not None:
                 key = (group_key(record.spec), record.spec.search_index)
@@ -182,7 +184,10 @@ class SearchRounds:
         return max(scored, key=lambda s: (sign * s[0], -s[1]))[2]
 
     def finals(self) -> tuple[Plan, list[str]]:
-        """The plan with each group's final seeds at its selected values; lines for groups with no selection."""
+        """The plan with each group's final seeds at its selected values; lines for groups with no selection.
+        A final trial that its selected search trial already trained (same seed, values and schedule,
+        not pruned) is noted in ``reuse`` (final trial id -> that search record): it is evaluated, not
+        trained again (``running.reuse``)."""
         selected, waiting = {}, []
         for group in self.searched:
             best = self.best(group)
@@ -192,6 +197,7 @@ class SearchRounds:
                                f"{group.template.primary_metric}; its {len(group.finals)} final trial(s) wait "
                                f"(rerun the same command to retry the failed ones)")
         spaces = {group.key: group.space for group in self.searched}
+        best = {group.key: self.best(group) for group in self.searched}
         trials = []
         for spec in self.plan.trials:
             key = group_key(spec)
@@ -199,8 +205,11 @@ class SearchRounds:
                 trials.append(spec)  # nothing declared applies to its method: planned values
             elif selected[key] is not None:
                 values = selected[key]
-                trials.append(with_values(self.plan, spec, values, self.registry, search_params=values,
-                                          search_space=space_json(spaces[key])))
+                final = with_values(self.plan, spec, values, self.registry, search_params=values,
+                                    search_space=space_json(spaces[key]))
+                if reusable(final, best[key]):
+                    self.reuse[final.trial_id] = best[key]
+                trials.append(final)
         return replace(self.plan, trials=trials), waiting
 
     # -- dry run -------------------------------------------------------------------------------

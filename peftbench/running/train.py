@@ -316,6 +316,19 @@ def train(backbone, data, task, cfg: TrainingSpec, *, lr: float, seed: int, devi
     return outcome, trainer, watch
 
 
+def predict(backbone, dataset, task, cfg: TrainingSpec, device: torch.device, precision: str):
+    """(predicted label ids, label ids) of a classifier on ``dataset``, batched as a trained trial's
+    test pass is (the same collator, eval batch size and precision)."""
+    with tempfile.TemporaryDirectory(prefix="peftbench-predict-") as tmp:
+        trainer = _Trainer(model=backbone.model, args=training_arguments(cfg, 1e-3, 0, 1, device, precision, tmp),
+                           eval_dataset=dataset, data_collator=collator(backbone.tokenizer, "classification", backbone.model),
+                           preprocess_logits_for_metrics=_argmax)
+        trainer.remove_callback(ProgressCallback)
+        trainer.remove_callback(PrinterCallback)
+        out = trainer.predict(dataset, metric_key_prefix="test")
+    return out.predictions, out.label_ids
+
+
 def _argmax(logits, labels):
     if isinstance(logits, tuple):
         logits = logits[0]
