@@ -404,19 +404,26 @@ def test_named_adapters_add_switch_save_remove(suite, tmp_path):
     assert torch.equal(lora.logits(TEXTS), lora_logits)
 
 
-def test_an_adapter_of_another_base_or_label_count_is_not_added(suite, adapter_copy):
+def test_an_adapter_of_another_base_or_a_head_that_does_not_fit_is_not_added(suite, adapter_copy):
+    """Another base is refused; another number of labels is not (the adapter brings its head, see
+    test_named_heads.py), but a head of another hidden width is."""
     model = peftbench.load(suite["dir"], method="lora")
     _edit_meta(adapter_copy, backbone_sha256="sha256:" + "0" * 64)
     with pytest.raises(ConfigError, match="adapter 'x' .* with weights sha256:0000.*another base model"):
         model.add_adapter("x", adapter_copy)
     _edit_meta(adapter_copy, backbone_sha256=model.meta["backbone_sha256"], labels=["a", "b", "c"], num_labels=3)
     weights = load_file(str(adapter_copy / "adapter_model.safetensors"))
-    weights.update({"head.classifier.weight": torch.zeros(3, 32), "head.classifier.bias": torch.zeros(3)})
+    weights.update({"head.classifier.weight": torch.zeros(3, 16), "head.classifier.bias": torch.zeros(3)})
     save_file(weights, str(adapter_copy / "adapter_model.safetensors"))
-    with pytest.raises(ConfigError, match="adapter 'x' has a head for 3 labels \\['a', 'b', 'c'\\]; this backbone's "
-                                          "head has 2"):
+    with pytest.raises(ConfigError, match="adapter 'x' has a head for 3 labels \\['a', 'b', 'c'\\] that does not "
+                                          "fit this backbone's head \\(classifier.weight saved \\(3, 16\\), "
+                                          "backbone \\(3, 32\\)\\)"):
         model.add_adapter("x", adapter_copy)
     assert list(model.adapters) == ["default"]
+    weights["head.classifier.weight"] = torch.zeros(3, 32)
+    save_file(weights, str(adapter_copy / "adapter_model.safetensors"))
+    model.add_adapter("x", adapter_copy)
+    assert model.logits(TEXTS, adapter="x").shape == (len(TEXTS), 3) and model.labels == ("a", "b", "c")
 
 
 @pytest.mark.parametrize("method,config", [("full", {}), ("topk", {"k": 1}), ("head", {})])

@@ -142,6 +142,58 @@ class Backbone:
             for name, tensor in state.items():
                 params[name].copy_(tensor.to(params[name].device, params[name].dtype))
 
+    def _output_layers(self) -> dict[str, nn.Linear]:
+        """The head's output layers: its ``nn.Linear`` modules with one output per label
+        (``config.num_labels``), e.g. BERT's ``classifier``, RoBERTa's ``classifier.out_proj``, GPT-2's
+        ``score``; none for a causal LM."""
+        if self.task == "causal_lm":
+            return {}
+        base = {id(m) for m in self.base_model.modules()}
+        n = self.config.num_labels
+        return {name: m for name, m in self.model.named_modules()
+                if id(m) not in base and isinstance(m, nn.Linear) and m.out_features == n}
+
+    def head_shapes(self, num_labels: int | None = None) -> dict[str, tuple[int, ...]]:
+        """The head's parameter shapes by name, as they are, or as ``resize_head(num_labels)`` makes them."""
+        shapes = {n: tuple(p.shape) for n, p in self.head_parameters().items()}
+        if num_labels is not None and num_labels != self.config.num_labels:
+            for name, layer in self._output_layers().items():
+                for pname, p in layer.named_parameters(recurse=False):
+                    shapes[f"{name}.{pname}"] = (num_labels, *tuple(p.shape)[1:])
+        return shapes
+
+    def resize_head(self, num_labels: int) -> None:
+        """Give the task head ``num_labels`` outputs: each output layer (see ``head_shapes``) is replaced by
+        a new ``nn.Linear`` of that width, zero-filled (``load_head`` fills it), on the old one's device and
+        dtype, and ``config.num_labels`` is set (its ``id2label`` reset to ``LABEL_i``). The base model's
+        modules and weights are not touched; nothing happens when the head already has that width."""
+        if self.task == "causal_lm":
+            raise ConfigError(f"{self.name} is a causal LM: it has no task head to resize")
+        if not isinstance(num_labels, int) or num_labels < 1:
+            raise ConfigError(f"a task head needs at least one label, not {num_labels!r}")
+        if num_labels == self.config.num_labels:
+            return
+        layers = self._output_layers()
+        if not layers:
+            raise ConfigError(f"{self.name}: no layer of the task head has {self.config.num_labels} outputs "
+                              f"(config.num_labels) to resize")
+        for name, old in layers.items():
+            new = nn.Linear(old.in_features, num_labels, bias=old.bias is not None, device="meta",
+                            dtype=old.weight.dtype).to_empty(device=old.weight.device)
+            with torch.no_grad():
+                for p in new.parameters():
+                    p.zero_()
+            new.requires_grad_(old.weight.requires_grad)
+            parent, _, attr = name.rpartition(".")
+            setattr(self.model.get_submodule(parent), attr, new)
+        self.config.num_labels = num_labels
+        if isinstance(getattr(self.model, "num_labels", None), int):  # transformers' classifiers keep a copy
+            self.model.num_labels = num_labels
+        from peftbench.backbones.quant import logical_numel
+
+        self.spec = dataclasses.replace(self.spec, head_params=sum(logical_numel(p) for p in
+                                                                   self.head_parameters().values()))
+
     def freeze(self) -> None:
         """Freeze every backbone parameter; the task head stays trainable."""
         head = {id(p) for p in self.head_parameters().values()}

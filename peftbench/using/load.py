@@ -52,7 +52,7 @@ def check_backbone(meta: dict, backbone, source: Path) -> None:
 def load_trial(found: Located, registry, device: torch.device, backbone_name: str | None = None) -> Model:
     from peftbench.contract.injection import load_injection
 
-    from peftbench.using.named import DEFAULT, stored_from_folder
+    from peftbench.using.named import DEFAULT, name_labels, stored_from_folder
 
     meta = adapter_meta(found.path)
     check_method(meta, found.path, registry)
@@ -64,6 +64,8 @@ def load_trial(found: Located, registry, device: torch.device, backbone_name: st
     backbone = build_backbone(backbone_name or meta["backbone"], facts["kind"], num_labels, registry, device)
     check_backbone(meta, backbone, found.path)
     injection = load_injection(backbone, found.path, registry)
+    if facts["kind"] == "classification":
+        name_labels(backbone.config, facts["labels"])
     backbone.model.to(device).eval()
     meta = {**meta, "trial_id": found.trial_id}
     return Model(backbone.model, backbone.tokenizer, facts["labels"], kind=facts["kind"],

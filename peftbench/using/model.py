@@ -72,8 +72,20 @@ class Model:
         return {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
 
     @torch.no_grad()
-    def logits(self, texts: Sequence[str | tuple[str, str]], batch_size: int = 32) -> torch.Tensor:
-        """The classifier's logits, (len(texts), num_labels), in float32 on the CPU."""
+    def logits(self, texts: Sequence[str | tuple[str, str]], batch_size: int = 32, *, adapter: str | None = None,
+               adapter_names: Sequence[str] | None = None) -> torch.Tensor | list[torch.Tensor]:
+        """The classifier's logits, (len(texts), num_labels), in float32 on the CPU.
+
+        ``adapter``: run that named adapter (``set_adapter`` first when it is not the active one; it stays
+        active). ``adapter_names``: one adapter name per text; returns a list of per-text logits (the adapters'
+        label counts may differ), in the input order. This is a batching API, not a fused kernel: the rows are
+        grouped by adapter and each group runs under its adapter alone (the base model runs once per distinct
+        adapter and ``batch_size`` rows), with one activation per distinct adapter; the active adapter's group
+        runs last, so it is active after the call (one more activation restores it when no text names it).
+        Each text gets the logits its adapter gives alone."""
+        if adapter_names is not None:
+            return self._mixed(texts, adapter, adapter_names, batch_size)
+        self._use(adapter)
         self._need("classification", "logits")
         self.model.eval()
         out = []
@@ -82,17 +94,51 @@ class Model:
             out.append(self.model(**enc).logits.float().cpu())
         return torch.cat(out) if out else torch.zeros(0, len(self.labels))
 
-    def predict(self, texts: Sequence[str | tuple[str, str]], batch_size: int = 32) -> list[Prediction]:
-        """Per text (or sentence pair): the label by name, its probability, every label's probability."""
-        logits = self.logits(texts, batch_size)
+    def predict(self, texts: Sequence[str | tuple[str, str]], batch_size: int = 32, *, adapter: str | None = None,
+                adapter_names: Sequence[str] | None = None) -> list[Prediction]:
+        """Per text (or sentence pair): the label by name, its probability, every label's probability.
+
+        ``adapter``/``adapter_names``: as for ``logits``; with ``adapter_names`` each text is named by its own
+        adapter's labels."""
+        if adapter_names is not None:
+            preds = []
+            for row, name in zip(self._mixed(texts, adapter, adapter_names, batch_size), adapter_names):
+                labels = self.adapters[name].labels
+                if row.shape[-1] != len(labels):
+                    raise ConfigError(f"adapter {name!r} has {row.shape[-1]} outputs but {len(labels)} label names")
+                preds.append(self._prediction(row.softmax(-1).tolist(), labels))
+            return preds
+        logits = self.logits(texts, batch_size, adapter=adapter)
         if logits.shape[-1] != len(self.labels):
             raise ConfigError(f"the model has {logits.shape[-1]} outputs but {len(self.labels)} label names")
-        probs = logits.softmax(-1)
-        preds = []
-        for row in probs.tolist():
-            best = max(range(len(row)), key=row.__getitem__)
-            preds.append(Prediction(self.labels[best], row[best], dict(zip(self.labels, row))))
-        return preds
+        return [self._prediction(row, self.labels) for row in logits.softmax(-1).tolist()]
+
+    @staticmethod
+    def _prediction(row: list[float], labels: tuple[str, ...]) -> Prediction:
+        best = max(range(len(row)), key=row.__getitem__)
+        return Prediction(labels[best], row[best], dict(zip(labels, row)))
+
+    def _use(self, adapter: str | None) -> None:
+        """``adapter`` becomes the active adapter (nothing when it already is, or is None)."""
+        if adapter is None:
+            return
+        self._need_adapters("adapter")
+        if adapter != self.active_adapter:
+            self.set_adapter(adapter)
+
+    def _mixed(self, texts, adapter, adapter_names, batch_size: int) -> list[torch.Tensor]:
+        from peftbench.using.named import check_names, mixed_logits
+
+        if adapter is not None:
+            raise ConfigError("give adapter (one adapter for every text) or adapter_names (one per text), not both")
+        self._need_adapters("adapter_names")
+        if isinstance(texts, str):
+            raise ConfigError("predict takes a list of texts, not one string: wrap it as [text]")
+        if self.kind != "classification":
+            raise ConfigError(f"adapter_names runs classifiers; {self.source or 'this model'} is a {self.kind} "
+                              f"model: use generate()")
+        names = check_names(self, texts, adapter_names)
+        return mixed_logits(self, texts, names, batch_size)
 
     # -- generation ----------------------------------------------------------------------
     def generate(self, prompts: Sequence[str], max_new_tokens: int = 64, batch_size: int = 8) -> list[str]:
@@ -117,8 +163,9 @@ class Model:
     # -- named adapters ------------------------------------------------------------------
     def add_adapter(self, name: str, path: str | Path, method: str | None = None, budget: str | None = None,
                     seed: int = 0, **selectors) -> None:
-        """Add another trial's adapter (the arguments of ``peftbench.load``) under ``name``; it must have
-        been trained on this backbone with as many labels. It stays inactive until ``set_adapter``."""
+        """Add another trial's adapter (the arguments of ``peftbench.load``) under ``name``; it must have been
+        trained on this backbone (the same weights) for the same task kind, and brings its own head and labels
+        (another task's: any number of labels). It stays inactive until ``set_adapter``."""
         from peftbench.using.named import add
 
         self._need_backbone("add_adapter")
@@ -128,7 +175,9 @@ class Model:
         add(self, name, path, method=method, budget=budget, seed=seed, **selectors)
 
     def set_adapter(self, name: str) -> None:
-        """Make ``name`` the active adapter (the active one comes off; the backbone is restored first)."""
+        """Make ``name`` the active adapter (the active one comes off; the backbone is restored first), with
+        its own head and labels: a head of another width replaces the head's output layer, the base model
+        stays the same objects."""
         from peftbench.using.named import activate, current_state, lookup
 
         self._need_backbone("set_adapter")
@@ -161,6 +210,11 @@ class Model:
     def _need_backbone(self, what: str) -> None:
         if self.backbone is None or self.registry is None:
             raise ConfigError(f"{what}() needs a model loaded from a trial; {self.source} is an export")
+
+    def _need_adapters(self, what: str) -> None:
+        if self.backbone is None or self.registry is None:
+            raise ConfigError(f"{what}= names adapters of a model loaded from a trial; {self.source} is an export "
+                              f"with no named adapters")
 
     def _need(self, kind: str, what: str) -> None:
         if self.backbone is not None and self.injection is None:

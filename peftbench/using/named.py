@@ -1,8 +1,10 @@
 """Named adapters on one backbone: add several trials' adapters, switch which one is active, remove one,
-save one. One adapter is active at a time: switching removes the active injection (the backbone is
-restored bit for bit) and applies the next through ``peftbench.apply`` with its stored weights and head.
-Every adapter added must have been trained on the same base (the recorded weight hashes agree) with as
-many labels as the backbone's head has."""
+save one, or run one batch whose texts name different adapters. One adapter is active at a time: switching
+removes the active injection (the backbone is restored bit for bit) and applies the next through
+``peftbench.apply`` with its stored weights and its own task head. Every adapter added must have been
+trained on the same base (the recorded weight hashes agree) for the same task kind; its head may have
+another number of labels (another task): switching to it rebuilds the head's output layer at that width
+(``Backbone.resize_head``), the base model's modules and weights staying the same objects."""
 
 from __future__ import annotations
 
@@ -52,7 +54,8 @@ def current_state(model: "Model") -> dict[str, torch.Tensor]:
 
 
 def check_compatible(model: "Model", name: str, new: Stored) -> None:
-    """Refuse an adapter of another base, task kind or number of labels than the model's backbone."""
+    """Refuse an adapter of another base or task kind than the model's backbone, or whose head does not fit
+    it at the adapter's own number of labels."""
     base = model.meta.get("backbone_sha256")
     theirs = new.meta.get("backbone_sha256")
     if base and theirs and base != theirs:
@@ -64,11 +67,21 @@ def check_compatible(model: "Model", name: str, new: Stored) -> None:
                           f"{model.meta.get('backbone')!r}")
     if new.kind != model.kind:
         raise ConfigError(f"adapter {name!r} is a {new.kind} adapter; this model's backbone is built for {model.kind}")
+    if new.kind != "classification":
+        return
     head = {k[len(HEAD):]: tuple(v.shape) for k, v in new.state.items() if k.startswith(HEAD)}
-    ours = {k: tuple(p.shape) for k, p in model.backbone.head_parameters().items()}
-    if head and head != ours:
-        raise ConfigError(f"adapter {name!r} has a head for {len(new.labels)} labels {list(new.labels)}; this "
-                          f"backbone's head has {len(model.labels)}: load it on its own with peftbench.load")
+    if not head:
+        if len(new.labels) != model.backbone.config.num_labels:
+            raise ConfigError(f"adapter {name!r} saved no task head and has {len(new.labels)} labels; this "
+                              f"backbone's head has {model.backbone.config.num_labels}: load it on its own with "
+                              f"peftbench.load")
+        return
+    fits = model.backbone.head_shapes(len(new.labels))
+    if head != fits:
+        differ = "; ".join(f"{k} saved {head.get(k)}, backbone {fits.get(k)}"
+                           for k in sorted(set(head) | set(fits)) if head.get(k) != fits.get(k))
+        raise ConfigError(f"adapter {name!r} has a head for {len(new.labels)} labels {list(new.labels)} that does "
+                          f"not fit this backbone's head ({differ})")
 
 
 def add(model: "Model", name: str, path, **selectors) -> None:
@@ -90,28 +103,88 @@ def add(model: "Model", name: str, path, **selectors) -> None:
 
 
 def activate(model: "Model", stored: Stored) -> None:
-    """Take the active injection off (if any) and put ``stored`` on; on failure nothing is active."""
+    """Take the active injection off (if any) and put ``stored`` on, with its own head (resized to its number
+    of labels when that differs, the config naming its labels); on failure nothing is active."""
     from peftbench.contract.apply import apply
 
     if model.injection is not None:
         model.injection.remove()
         model.injection = None
+    head = {k[len(HEAD):]: v for k, v in stored.state.items() if k.startswith(HEAD)}
+    if head and stored.kind == "classification":
+        model.backbone.resize_head(len(stored.labels))
     method = model.registry.method(stored.meta["method"])
     injection = apply(method, model.backbone, stored.meta["config"])
     try:
         if stored.meta.get("finalized"):
             injection.finalize()
         injection.load_state_dict(stored.state)
-        head = {k[len(HEAD):]: v for k, v in stored.state.items() if k.startswith(HEAD)}
         if head:
             model.backbone.load_head(head)
     except BaseException:
         injection.remove()
         raise
+    if stored.kind == "classification":
+        name_labels(model.backbone.config, stored.labels)
     model.backbone.model.to(model.device).eval()
     model.injection = injection
     model.meta, model.labels, model.kind = dict(stored.meta), stored.labels, stored.kind
     model.max_length, model.source = stored.max_length, stored.source
+
+
+def name_labels(config, labels) -> None:
+    """``config.id2label``/``label2id`` name the head's outputs as the task did (when the counts agree)."""
+    if labels and len(labels) == config.num_labels:
+        config.id2label = dict(enumerate(labels))
+        config.label2id = {label: i for i, label in enumerate(labels)}
+
+
+def check_names(model: "Model", texts, names) -> list[str]:
+    """One known adapter name per text, or a one-line error saying what is wrong."""
+    if isinstance(names, str) or not isinstance(names, (list, tuple)):
+        raise ConfigError(f"adapter_names takes a list of adapter names, one per text, not "
+                          f"{type(names).__name__} {names!r:.60}")
+    if len(names) != len(texts):
+        raise ConfigError(f"adapter_names has {len(names)} names for {len(texts)} texts: give one adapter name "
+                          f"per text")
+    for name in names:
+        if not isinstance(name, str) or name not in model.adapters:
+            raise ConfigError("adapter_names: " + unknown("adapter", str(name), model.adapters))
+    return list(names)
+
+
+def mixed_logits(model: "Model", texts, names: list[str], batch_size: int) -> list[torch.Tensor]:
+    """Each text's logits under its own adapter, in the input order. The rows are grouped by adapter and each
+    group runs under that adapter alone (one activation per distinct adapter, the base model run once per
+    group): the adapters named other than the active one first, in the order they first appear, then the
+    active one's group, which also restores it (or the active one is restored after the last group)."""
+    groups: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        groups.setdefault(name, []).append(i)
+    active = model.active_adapter
+    order = [n for n in groups if n != active] + ([active] if active in groups else [])
+    out: list[torch.Tensor | None] = [None] * len(texts)
+    try:
+        for name in order:
+            if name != model.active_adapter:
+                model.set_adapter(name)
+            rows = groups[name]
+            for i, row in zip(rows, model.logits([texts[i] for i in rows], batch_size)):
+                out[i] = row
+    finally:
+        if model.active_adapter != active:
+            restore(model, active)
+    return out
+
+
+def restore(model: "Model", name: str | None) -> None:
+    """Make ``name`` active again; None: no adapter active (the active one's weights kept, its injection off)."""
+    if name is not None:
+        model.set_adapter(name)
+    elif model.injection is not None:
+        model.adapters[model.active_adapter].state = current_state(model)
+        model.injection.remove()
+        model.injection, model.active_adapter = None, None
 
 
 def save(stored: Stored, directory: str | Path) -> Path:
