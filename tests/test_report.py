@@ -27,7 +27,8 @@ from peftbench.report import diagnostics, stats
 from peftbench.report.diagnostics import FLAGGED, NOT_APPLICABLE, NOT_COMPUTED, NOT_RECORDED, OK
 from peftbench.errors import ConfigError
 from peftbench.contract.registry import Registry
-from peftbench.results.records import CEILING, FLOOR, CurvePoint, TrialRecord, TrialResult, TrialSpec
+from peftbench.results.records import (CEILING, FLOOR, CurvePoint, MachineLoad, TrainingSpec, TrialRecord, TrialResult,
+                                      TrialSpec)
 from peftbench.results.store import Store
 from peftbench.tasks.entry import TaskEntry
 
@@ -70,8 +71,16 @@ SPEC_CHANGES = {
     ("lora", "1%"): dict(lr=3e-3, search_params={"lr": 3e-3}, search_space=SPACE),
     ("houlsby", "1%"): dict(lr=9e-3, search_params={"lr": 9e-3}, search_space=SPACE),  # in the top 10%: edge
 }
-# result fields that differ, by (method, budget, seed): its best validation at its last pass, not stopped early
-RESULT_CHANGES = {("qlora", "1%", 1): dict(best_step=300)}
+#: the machine's load at a trial's start and end: two CPUs, one busy with the trial (0.6 per CPU)
+IDLE = MachineLoad(load_1min=1.2, cpu_count=2, usable_cpus=2)
+#: ... and on a machine where other work kept 4.6 threads runnable on 2 CPUs (2.3 per CPU: costs flagged)
+BUSY = MachineLoad(load_1min=4.6, cpu_count=2, usable_cpus=2)
+# result fields that differ, by (method, budget, seed): its best validation at its last pass, not stopped early;
+# a trial that ended on a loaded machine
+RESULT_CHANGES = {("qlora", "1%", 1): dict(best_step=300), ("houlsby", "3%", 1): dict(load_end=BUSY)}
+EXAMPLES = {"train": 800, "validation": 200, "test": 500}
+#: the schedule the fixture's curves follow: 6 epochs of 50 steps, validation every 100
+TRAINING = TrainingSpec(epochs=6, eval_every=100)
 # the search of the 1% budget: method -> [(lr, validation accuracy or an outcome)]; the first trial was pruned
 SEARCHES = {
     "lora": [(1e-4, 0.70), (3e-4, 0.78), (1e-3, 0.84), (3e-3, 0.87), (8e-3, 0.83)],
@@ -96,7 +105,7 @@ def make_spec(method, budget, knob, value, step, trainable, seed, **changes) -> 
         method_config={knob: value} if knob else {}, budget=budget, seed=seed, lr=1e-3,
         primary_metric="accuracy", direction="max", knob=knob, knob_value=value, knob_step=step,
         target_params=TARGET.get(budget), trainable_params=trainable, stored_params=trainable, head_params=HEAD,
-        base_params=BASE, reference=REFERENCE.get(method),
+        base_params=BASE, reference=REFERENCE.get(method), training=TRAINING,
     )
     return TrialSpec(**{**fields, **changes})
 
@@ -112,7 +121,7 @@ def make_result(method, seed, accuracy, **changes) -> TrialResult:
         peak_mem_bytes=400 * 2**20 + seed * 2**20, mem_kind="rss",
         inference_overhead=1.0 if method in ("full", "head") else 1.05,
         train_time_s=95.0 + seed, steps=steps, best_step=200, last_eval_step=steps, planned_steps=300,
-        stopped_early=steps < 300, chance=CHANCE, splits=SPLITS,
+        stopped_early=steps < 300, chance=CHANCE, splits=SPLITS, examples=EXAMPLES, load_start=IDLE, load_end=IDLE,
         curves=[CurvePoint(step=s, loss=round(0.7 - 0.1 * i - 0.01 * seed, 3),
                            val_metric=round(accuracy - 0.05 + 0.02 * i, 3)) for i, s in enumerate((100, 200, 300))],
         environment=ENV,
@@ -143,7 +152,8 @@ def fixture_trials():
                 out.append((spec, outcome))
                 continue
             out.append((spec, make_result(method, 0, outcome, metrics={}, val_metrics={"accuracy": outcome},
-                                          chance={}, splits=SEARCH_SPLITS, pruned=index == 0)))
+                                          chance={}, splits=SEARCH_SPLITS, pruned=index == 0,
+                                          examples={"train": 800, "validation": 200})))
     return out
 
 
@@ -518,8 +528,10 @@ def test_cost_columns_come_from_the_results_costs(tmp_path):
     assert header[:8] == ["Method", "Stored params", "Stored size", "4-bit weights", "frozen", "merge", "shards",
                           "speed-up"] and header[8] == "Step time"
     rows = table_rows("\n".join(lines), "")
-    # means over seeds, each in its unit's format; a method without the figure shows a dash
-    assert [rows["qlora"][k] for k in header[3:8]] == ["10.5 MiB", "1,000,000", "375 ms", "3", "1.50×"]
+    # means over seeds, each in its unit's format, with the range when seeds differ; a method without the figure
+    # shows a dash
+    assert [rows["qlora"][k] for k in header[3:8]] == ["10.5 MiB (10.0–11.0)", "1,000,000 (1,000,000–1,000,001)",
+                                                       "375 ms (250–500)", "3", "1.50×"]
     assert [rows["lora"][k] for k in header[3:8]] == ["—"] * 5
     # no figure anywhere: no such column
     plain = [(make_spec("lora", "1%", "r", 25, 9_216, 230_400, 0), make_result("lora", 0, 0.85))]
@@ -742,16 +754,25 @@ def test_search_spaces_of_other_shapes_are_shown_as_text():
 
 
 # -- an old store --------------------------------------------------------------------------
+#: the lines that set the costs tables and the learning curves apart since the diagnostics (spreads, kept steps,
+#: load; the curves' and the Pareto plot's captions); ``costs_match`` checks the tables' numbers instead
+LATER = ("- **Training:**", "Costs (", "Per method: the mean over seeds")
+
+
 def without_additions(markdown: str) -> str:
-    """The report less what the diagnostics added: the Splits line, the Diagnostics section, column and legend."""
-    lines, out, cut = markdown.splitlines(), [], False
+    """The report less what the diagnostics added (the Splits line, the Diagnostics section, column and legend) and
+    less what came later: the Training line, the costs tables and their caption, the plots' captions."""
+    lines, out, cut, costs = markdown.splitlines(), [], False, False
     for line in lines:
         if line.startswith("## "):
             cut = line == "## Diagnostics"
-        if cut or line.startswith("- **Splits:**") or line.startswith("- Diagnostics: `chance`"):
+        costs = line.startswith("Costs (") or (costs and (line.startswith("|") or not line))
+        if cut or costs or line.startswith("- **Splits:**") or line.startswith("- Diagnostics: `chance`") or \
+                line.startswith(LATER):
             continue
-        out.append(line)
-    text, tables = "\n".join(out), re.findall(r"(?:^\|.*\n?)+", "\n".join(out), flags=re.M)
+        out.append(line.split(" Right of it, each budget's matched methods")[0])
+    joined = re.sub(r"\n{3,}", "\n\n", "\n".join(out))  # a dropped caption leaves no gap
+    text, tables = joined, re.findall(r"(?:^\|.*\n?)+", joined, flags=re.M)
     for block in tables:
         if block.splitlines()[0].rstrip().endswith("| Diagnostics |") or "| Diagnostics " in block.splitlines()[0]:
             text = text.replace(block, "\n".join(re.sub(r" [^|]*\|$", "", ln) for ln in block.splitlines())
@@ -772,8 +793,19 @@ def test_an_old_store_renders_with_not_recorded_diagnostics(tmp_path):
     assert "Flagged: none." in section
     assert "- `chance` (did not learn) not recorded for every row: no majority-class score stored" in section
     assert "- `cap` (still improving at the cap) not recorded for every row" in section
-    # nothing else changed
-    assert without_additions(text) == without_additions((V1_EXAMPLE / "report.md").read_text(encoding="utf-8"))
+    # nothing else changed; the costs tables' means are the old tables' values, peak memory's top its old maximum
+    old = (V1_EXAMPLE / "report.md").read_text(encoding="utf-8")
+    assert without_additions(text) == without_additions(old)
+    for budget in ("1%",):  # the one budget of the 1% default
+        before, after = (table_rows(t.split(f"### Budget {budget}", 1)[1], "Costs (") for t in (old, text))
+        assert before.keys() == after.keys() and before
+        for method, row in after.items():
+            for column in ("Stored size", "Step time", "Inference ×", "Train time", "Steps", "LR"):
+                assert row[column].split(" (")[0] == before[method][column], (budget, method, column)
+            mean, _, spread = row["Peak memory (RSS)"].partition(" (")
+            number, unit = mean.split(" ")
+            assert f"{spread.split('–')[1].rstrip(')') if spread else number} {unit} (RSS)" == \
+                before[method]["Peak memory"]
 
 
 # -- the command ---------------------------------------------------------------------------

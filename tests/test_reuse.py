@@ -33,10 +33,15 @@ def test_the_selected_search_trial_becomes_seed_0_and_retraining_it_gives_the_sa
         assert reused.result.val_metrics == best.result.val_metrics and reused.result.curves == best.result.curves
         assert reused.result.steps == best.result.steps and set(reused.result.metrics) >= {"accuracy", "mcc"}
         assert best.result.metrics == {} and reused.result.chance  # the search trial itself never read test
+        # its examples are the search trial's and the test split it read; its costs, and the machine's load while
+        # they were measured, the search trial's
+        assert set(best.result.examples) == {"train", "validation"}
+        assert reused.result.examples == {**best.result.examples, "test": other.result.examples["test"]}
+        assert (reused.result.load_start, reused.result.load_end) == (best.result.load_start, best.result.load_end)
         assert (out / "r" / "trials" / reused.trial_id / "adapter" / "adapter_model.safetensors").is_file()
         fresh = run_trial(reused.spec, RunOptions(threads=1, quiet=True), None, registry)
         assert fresh.val_metrics == pytest.approx(reused.result.val_metrics, abs=1e-9)
         assert fresh.metrics == pytest.approx(reused.result.metrics, abs=1e-9)
-        assert fresh.best_step == reused.result.best_step
+        assert fresh.best_step == reused.result.best_step and fresh.examples == reused.result.examples
     text = (out / "r" / "report.md").read_text()
     assert "2 final trials are their selected search trial" in text

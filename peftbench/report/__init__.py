@@ -7,7 +7,11 @@ Modules, one idea each:
 - ``diagnostics``: the checks of every row (did not learn, still improving, search edge, diverged);
 - ``groups``: trial records grouped by (task, backbone, budget), with summaries, ranks and checks;
 - ``tables``: the quality table (and its notes) and the costs table of a group;
-- ``plots``: Pareto, relative to full fine-tuning, learning curves, search sensitivity;
+- ``load``: the machine's load while costs were measured, and the warning when it was high;
+- ``training``: the Setup's training lines (the schedule each task and backbone ran under);
+- ``palette``: one colour, marker and line style per method, no two colours alike;
+- ``plots``: Pareto (with a linear panel per crowded budget), relative to full fine-tuning, learning curves,
+  search sensitivity;
 - ``context``: ``ReportContext`` (what every section reads) and ``Section`` (where it goes);
 - ``setup``, ``diagnostics_section``, ``search`` and ``sections``: the built-in sections; ``plugins``: the
   ``report_sections`` hook;

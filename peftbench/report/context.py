@@ -87,7 +87,7 @@ class ReportContext:
     records: list[TrialRecord]
     groups: list[Group]
     suite_dir: Path
-    colors: dict[str, tuple] = field(default_factory=dict)
+    colors: dict[str, str] = field(default_factory=dict)  # method -> '#rrggbb'
     fmt: ModuleType = format_module
     stats: ModuleType = stats_module
 

@@ -55,27 +55,37 @@ def fmt_signed_pct(value: float | None) -> str:
     return text if text.startswith("-") or text == NONE else "+" + text
 
 
+def _bytes_unit(n: float) -> tuple[str, float]:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return unit, size
+    return "B", 1
+
+
 def fmt_bytes(n: float | None) -> str:
     """Binary units (KiB = 1024 B), three significant digits: 900 KiB, 1.07 MiB."""
     if n is None:
         return NONE
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{sig3(n / size)} {unit}"
-    return f"{int(n)} B"
+    unit, size = _bytes_unit(n)
+    return f"{int(n)} B" if unit == "B" else f"{sig3(n / size)} {unit}"
+
+
+def _seconds_unit(s: float) -> tuple[str, float]:
+    if s < 1:
+        return "ms", 1e-3
+    if s < 100:
+        return "s", 1
+    if s < 6000:
+        return "min", 60
+    return "h", 3600
 
 
 def fmt_seconds(s: float | None) -> str:
     """A duration in the unit that keeps it readable: 200 ms, 95.0 s, 12.5 min, 2.00 h."""
     if s is None:
         return NONE
-    if s < 1:
-        return f"{sig3(s * 1000)} ms"
-    if s < 100:
-        return f"{sig3(s)} s"
-    if s < 6000:
-        return f"{sig3(s / 60)} min"
-    return f"{sig3(s / 3600)} h"
+    unit, size = _seconds_unit(s)
+    return f"{sig3(s / size)} {unit}"
 
 
 def fmt_ratio(value: float | None) -> str:
@@ -127,6 +137,26 @@ def fmt_cost(value: float | None, unit: str) -> str:
     if value is None:
         return NONE
     return COST_FORMATS.get(unit, sig3)(value)
+
+
+def fmt_spread(values: list[float], unit: str) -> str:
+    """The mean of a figure over seeds in its unit's format, and its range when the seeds differ, in the
+    mean's unit: '305 ms (290–320)', '1.52 GiB (1.50–1.55)', '1.13× (1.05–1.21)'; '—' for no values."""
+    if not values:
+        return NONE
+    mean = math.fsum(values) / len(values)
+    text = fmt_cost(mean, unit)
+    low, high = min(values), max(values)
+    if len(values) < 2 or low == high:
+        return text
+    if unit == "seconds":
+        size = _seconds_unit(mean)[1]
+    elif unit == "bytes":
+        size = _bytes_unit(mean)[1]
+    else:
+        size = 1
+    scaled = (f"{v:.2f}" if unit == "ratio" else sig3(v / size) for v in (low, high))
+    return f"{text} ({'–'.join(scaled)})"
 
 
 # -- markdown --------------------------------------------------------------------------------

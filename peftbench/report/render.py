@@ -17,7 +17,7 @@ from pathlib import Path
 from peftbench.errors import ConfigError
 from peftbench.report.context import ReportContext, Section, as_sections, place, render_sections
 from peftbench.report.groups import build_groups
-from peftbench.report.plots import colors
+from peftbench.report.palette import colors
 from peftbench.report.plugins import place_plugin_sections
 from peftbench.report.sections import BUILTIN
 from peftbench.results.store import Store

@@ -16,13 +16,17 @@ from peftbench.report.context import ReportContext, Section, section_key
 from peftbench.report.diagnostics_section import diagnostics_section
 from peftbench.report.format import decimals_for, fmt_num, slug, table
 from peftbench.report.groups import Group, MethodResult
-from peftbench.report.plots import curves_plot, pareto_plot, relative_plot
+from peftbench.report.load import warning as load_warning
+from peftbench.report.plots import LOSS_SMOOTHING, clustered, curves_plot, pareto_plot, relative_plot
 from peftbench.report.search import search_sections
 from peftbench.report.setup import setup_section
-from peftbench.report.tables import costs_table, results_table
+from peftbench.report.tables import costs_caption, costs_table, results_table
 from peftbench.results.records import CEILING, TrialRecord
 
 REASON_CHARS = 300  # a failure's reason is cut to this many characters in the table
+CURVES_CAPTION = (f"Per method: the mean over seeds (each step over the seeds that reached it), the band from the "
+                  f"lowest to the highest seed; training loss smoothed (exponential moving average, weight "
+                  f"{LOSS_SMOOTHING:g} per logged point), validation passes marked.")
 
 
 def title_section(ctx: ReportContext) -> Section:
@@ -52,10 +56,13 @@ def budget_section(ctx: ReportContext, g: Group) -> Section:
         return Section("No finished trials yet.", **where)
     quality, notes = results_table(g)
     lines = quality + [""] + [f"- {n}" for n in notes] + ([""] if notes else [])
-    lines += ["Costs (means over finished seeds; peak memory is the maximum):", ""] + costs_table(g) + [""]
+    lines += [costs_caption(g), ""] + costs_table(g) + [""]
+    loaded = load_warning(g)
+    lines += [loaded, ""] if loaded else []
     path, link = ctx.plot(slug("curves", g.task, g.backbone, g.budget or "none") + ".png")
     if curves_plot(g, ctx.colors, path):
-        lines.append(f"![Learning curves, {g.task}, {g.backbone}, budget {g.budget or 'none'}]({link})")
+        lines += [f"![Learning curves, {g.task}, {g.backbone}, budget {g.budget or 'none'}]({link})", "",
+                  CURVES_CAPTION]
     return Section("\n".join(lines), **where)
 
 
@@ -66,9 +73,11 @@ def pareto_section(ctx: ReportContext, groups: list[Group]) -> list[Section]:
         return []
     path, link = ctx.plot(slug("pareto", g0.task, g0.backbone) + ".png")
     pareto_plot(groups, ctx.colors, path)
+    panels = (" Right of it, each budget's matched methods on a linear axis (they crowd one spot of the log axis; "
+              "methods of one size side by side), the target dotted, the baselines as lines." if clustered(groups) else "")
     text = (f"![Pareto plot, {g0.task}, {g0.backbone}]({link})\n\n"
             "Error bars: standard deviation over seeds. Grey steps: the Pareto front "
-            "(no other point has fewer parameters and a better score).")
+            f"(no other point has fewer parameters and a better score).{panels}")
     return [Section(text, title=f"Parameters vs {g0.primary}", level=3, key=section_key("pareto", g0.task, g0.backbone))]
 
 

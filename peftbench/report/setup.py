@@ -4,7 +4,8 @@ A reader should be able to judge every number below it from this section alone: 
 command, the tasks with their primary metric and direction, the backbones with their size
 (the budget's denominator), the methods, budgets and seeds, which split selected checkpoints
 and search values and which one the test metrics come from (``TrialResult.splits``), the
-statistical procedure, how many trials ended how, and the software and hardware they ran on.
+training setup of each task and backbone (``training``), the statistical procedure, how many
+trials ended how, the software and hardware they ran on, and how busy the machine was (``load``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import peftbench.report.stats as stats
 from peftbench.report.context import ReportContext, Section
 from peftbench.report.format import NOT_SOLVED, OFF_BUDGET
 from peftbench.report.groups import budget_order
+from peftbench.report.load import setup_line as load_line
+from peftbench.report.training import training_lines
 from peftbench.results.records import TrialRecord
 
 BUDGET_DEFINITION = (
@@ -52,6 +55,7 @@ def setup_section(ctx: ReportContext) -> Section:
         f"- **Budget definition:** {BUDGET_DEFINITION} {SOLVING}",
         f"- **Seeds:** {_seeds(finals)}",
         *_splits(ctx),
+        *training_lines(ctx.by_task_backbone(), finals),
         f"- **Statistics:** {STATISTICS}",
         f"- **Trials:** {_trials(finals)}",
     ]
@@ -64,7 +68,7 @@ def setup_section(ctx: ReportContext) -> Section:
                          f"and schedule, not pruned): trained once, then evaluated on test; the others trained anew")
     if ctx.info.get("hash"):
         lines.append(f"- **Suite hash:** `{ctx.info['hash']}`")
-    lines += _environments(finals)
+    lines += _environments(finals) + load_line(finals)
     lines += ["", CONFIG_COLUMNS]
     return Section("\n".join(lines), title="Setup", key="setup")
 

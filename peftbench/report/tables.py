@@ -7,9 +7,13 @@ Welch's test against the best budget-matched method (see ``stats``), and its dia
 (``diagnostics``: codes, explained under the table and in the Diagnostics section). Methods
 that are not budget-matched follow the ranked ones with their own ranks and a mark.
 
-Costs: what a method costs to keep and to run, as means over finished seeds (peak memory is
-the maximum), plus one column per cost figure methods declare themselves (``TrialResult.costs``,
-e.g. the 4-bit weights of QLoRA), formatted by its unit.
+The quality table also shows the majority-class score of the same test set (``TrialResult.chance``)
+beside the primary metric, when the trials recorded one.
+
+Costs: what a method costs to keep and to run, as means over finished seeds with their range
+(min–max) when seeds differ, plus one column per cost figure methods declare themselves
+(``TrialResult.costs``, e.g. the 4-bit weights of QLoRA), formatted by its unit; the steps each seed
+trained and kept (best validation), and the machine's load while the figures were taken (``load``).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from collections import Counter
 
 import peftbench.report.diagnostics as diagnostics
 import peftbench.report.format as fmt
+import peftbench.report.load as load
 import peftbench.report.stats as stats
 from peftbench.report.groups import Group, MethodResult, is_apart, is_reference, off_budget
 
@@ -30,17 +35,33 @@ def results_table(g: Group) -> tuple[list[str], list[str]]:
     metric_names = _other_metrics(g)
     decimals = {name: fmt.decimals_for([v for m in order for v in m.values(name)])
                 for name in [g.primary, *metric_names]}
+    chance = any(m.values(g.primary, "chance") for m in order)  # a column only when some trial recorded it
     headers = ["Method", "Knob", "Trainable", "Achieved", "Δ target", "Head", "Seeds",
-               f"{g.primary} (mean ± std)", "95% CI", *metric_names, "Rank", "vs best (Welch)", "Diagnostics"]
+               f"{g.primary} (mean ± std)", "95% CI", *(["Majority class"] if chance else []), *metric_names, "Rank",
+               "vs best (Welch)", "Diagnostics"]
     rows = [[m.label, _knob(m), fmt.fmt_params(m.spec.trainable_params), *_size_cells(m),
              fmt.fmt_params(m.spec.head_params), _seeds(m), *_primary_cells(m, decimals[g.primary]),
+             *([_chance(m, g.primary, decimals[g.primary])] if chance else []),
              *(_mean_std(m.values(name), decimals[name]) for name in metric_names), *_rank_cells(m),
              diagnostics.cell(m.checks)]
             for m in order]
     right = set(range(2, len(headers) - 2))  # numbers right, the last two (text) columns left
     notes = [*_apart_notes(order), *_off_budget_notes(order), *_solver_notes(order), *_reference_notes(order),
-             *_unfinished_notes(g), diagnostics_legend()]
+             *_unfinished_notes(g), *([chance_note(g.primary)] if chance else []), diagnostics_legend()]
     return fmt.table(headers, rows, right), notes
+
+
+def chance_note(primary: str) -> str:
+    return (f"Majority class: the {primary} of always predicting train's most frequent label on the same test set "
+            "(the floor a method must beat to have learned anything).")
+
+
+def _chance(m: MethodResult, primary: str, decimals: int) -> str:
+    """The majority-class score of the method's test set: one value, or its mean when seeds' test sets differ."""
+    values = m.values(primary, "chance")
+    if not values:
+        return fmt.NONE
+    return fmt.fmt_num(stats.mean(values), decimals) + ("" if len(set(values)) == 1 else " (mean)")
 
 
 def _other_metrics(g: Group) -> list[str]:
@@ -172,17 +193,31 @@ def _unfinished_notes(g: Group) -> list[str]:
 
 
 # -- costs -----------------------------------------------------------------------------------
+def costs_caption(g: Group) -> str:
+    """The line above a costs table: how its cells are made."""
+    how = ("Costs (mean over finished seeds, (min–max) when seeds differ; Steps: trained; Kept step: the step whose "
+           "weights each seed kept, at its best validation")
+    if load.recorded(g):
+        return how + f"; Load/CPU: the highest 1-minute load average per CPU at a seed's start or end, ⚠ above " \
+                     f"{load.THRESHOLD:g}):"
+    return how + "; the machine's load was not recorded for these trials):"
+
+
 def costs_table(g: Group) -> list[str]:
-    """Stored size, the methods' own cost figures, step time, memory, inference, training, LR."""
+    """Stored size, the methods' own cost figures, step time, memory, inference, training, steps, load, LR."""
     order = g.finished
     labels = cost_labels(order)
-    headers = ["Method", "Stored params", "Stored size", *labels, "Step time", "Peak memory", "Inference ×",
-               "Train time", "Steps", "LR"]
-    rows = [[m.label, fmt.fmt_params(m.spec.stored_params), fmt.fmt_bytes(m.mean_of(lambda r: r.stored_bytes)),
-             *(_cost_cell(m, label, unit) for label, unit in labels.items()),
-             fmt.fmt_seconds(m.mean_of(lambda r: r.step_time_s)), _peak_memory(m),
-             fmt.fmt_ratio(m.mean_of(lambda r: r.inference_overhead)),
-             fmt.fmt_seconds(m.mean_of(lambda r: r.train_time_s)), _steps(m), f"{m.spec.lr:g}"]
+    kinds = sorted({r.mem_kind for m in order for r in m.results if r.mem_kind})
+    memory = f"Peak memory ({kinds[0].upper()})" if len(kinds) == 1 else "Peak memory"
+    loads = load.recorded(g)
+    headers = ["Method", "Stored params", "Stored size", *labels, "Step time", memory, "Inference ×", "Train time",
+               "Steps", "Kept step", *(["Load/CPU"] if loads else []), "LR"]
+    rows = [[m.label, fmt.fmt_params(m.spec.stored_params), _spread(m, lambda r: r.stored_bytes, "bytes"),
+             *(_spread(m, lambda r, label=label: r.costs[label].value if label in r.costs else None, unit)
+               for label, unit in labels.items()),
+             _spread(m, lambda r: r.step_time_s, "seconds"), _peak_memory(m, len(kinds) > 1),
+             _spread(m, lambda r: r.inference_overhead, "ratio"), _spread(m, lambda r: r.train_time_s, "seconds"),
+             _steps(m), kept_steps(m), *([load.cell(m)] if loads else []), f"{m.spec.lr:g}"]
             for m in order]
     return fmt.table(headers, rows, set(range(1, len(headers))))
 
@@ -197,18 +232,17 @@ def cost_labels(methods: list[MethodResult]) -> dict[str, str]:
     return dict(sorted(units.items()))
 
 
-def _cost_cell(m: MethodResult, label: str, unit: str) -> str:
-    """The mean of one cost figure over the seeds that recorded it, in its unit's format."""
-    return fmt.fmt_cost(m.mean_of(lambda r: r.costs[label].value if label in r.costs else None), unit)
+def _spread(m: MethodResult, value, unit: str) -> str:
+    """A figure's mean over the seeds that recorded it, with its range when they differ, in its unit's format."""
+    return fmt.fmt_spread([v for v in map(value, m.results) if v is not None], unit)
 
 
-def _peak_memory(m: MethodResult) -> str:
-    """The largest peak over seeds (a peak's mean would hide the worst run), with its kind (RSS, CUDA)."""
-    peaks = [r.peak_mem_bytes for r in m.results if r.peak_mem_bytes is not None]
-    if not peaks:
-        return fmt.NONE
+def _peak_memory(m: MethodResult, kind: bool) -> str:
+    """Peak memory over seeds (mean and range: the range's top is the worst run); ``kind``: name it (RSS, CUDA)
+    in the cell, when the table mixes kinds."""
+    text = _spread(m, lambda r: r.peak_mem_bytes, "bytes")
     kinds = sorted({r.mem_kind for r in m.results if r.mem_kind})
-    return fmt.fmt_bytes(max(peaks)) + (f" ({'/'.join(k.upper() for k in kinds)})" if kinds else "")
+    return text + (f" {'/'.join(k.upper() for k in kinds)}" if kind and kinds and text != fmt.NONE else "")
 
 
 def _steps(m: MethodResult) -> str:
@@ -217,3 +251,10 @@ def _steps(m: MethodResult) -> str:
     if not steps:
         return fmt.NONE
     return f"{steps[0]:,}" if len(steps) == 1 else f"{steps[0]:,}–{steps[-1]:,}"
+
+
+def kept_steps(m: MethodResult) -> str:
+    """The step whose weights each finished seed kept: 's0 120, s1 100, s2 120'."""
+    kept = [(r.spec.seed, r.result.best_step) for r in sorted(m.done, key=lambda r: r.spec.seed)
+            if r.result is not None and r.result.best_step is not None]
+    return ", ".join(f"s{seed} {step:,}" for seed, step in kept) or fmt.NONE

@@ -181,6 +181,25 @@ class CurvePoint(_Frozen):
     val_metric: float | None = None
 
 
+class MachineLoad(_Frozen):
+    """How busy the machine was at one moment: ``os.getloadavg()[0]`` and its CPUs (None: the OS does not say).
+
+    The load average counts runnable (and uninterruptible) threads of the whole machine, the
+    trial's own included: a trial alone with one thread per CPU reads about ``cpu_count``.
+    """
+
+    load_1min: float | None = None
+    cpu_count: int | None = Field(None, description="os.cpu_count(): the machine's CPUs")
+    usable_cpus: int | None = Field(None, description="os.sched_getaffinity: the CPUs this process may run on")
+
+    @property
+    def per_cpu(self) -> float | None:
+        """The 1-minute load average per CPU of the machine (> 1: more runnable threads than CPUs)."""
+        if self.load_1min is None or not self.cpu_count:
+            return None
+        return self.load_1min / self.cpu_count
+
+
 class TrialResult(_Frozen):
     """What a trial returned. A failed or diverged trial returns what it got so far."""
 
@@ -206,6 +225,11 @@ class TrialResult(_Frozen):
     chance: dict[str, float] = Field(default_factory=dict,
                                      description="test metrics of the majority-class prediction (final trials)")
     splits: dict[str, str] = Field(default_factory=dict, description="where each split came from (carved or the task's)")
+    # -- for the setup and the costs -----------------------------------------------------------
+    examples: dict[str, int] = Field(default_factory=dict,
+                                     description="examples per split the trial used (train, validation, test)")
+    load_start: MachineLoad | None = Field(None, description="the machine's load when the trial started")
+    load_end: MachineLoad | None = Field(None, description="the machine's load when it ended (its costs measured)")
 
 
 class TrialRecord(_Frozen):

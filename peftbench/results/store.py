@@ -95,21 +95,24 @@ def _encode(model: BaseModel, columns: dict[str, str]) -> dict[str, Any]:
 
 
 def _decode(row: sqlite3.Row, columns: dict[str, str]) -> dict[str, Any]:
+    """The fields of ``columns`` that the row holds; a column the store lacks (a field added since, in a store
+    opened read-only, which cannot gain it) is left to the field's default."""
+    present = set(row.keys())
     out = {}
     for name, kind in columns.items():
-        value = row[name]
+        value = row[name] if name in present else None
         if value is not None:
             out[name] = json.loads(value) if kind == "JSON" else value
     return out
 
 
 def _record(row: sqlite3.Row) -> TrialRecord:
-    has_result = any(row[name] is not None for name in RESULT_COLUMNS)
+    result = _decode(row, RESULT_COLUMNS)
     return TrialRecord(
         trial_id=row["trial_id"], spec=TrialSpec(**_decode(row, SPEC_COLUMNS)), status=row["status"],
         error=row["error"], attempts=row["attempts"] or 0, started_at=row["started_at"],
         finished_at=row["finished_at"],
-        result=TrialResult(**_decode(row, RESULT_COLUMNS)) if has_result else None,
+        result=TrialResult(**result) if result else None,
     )
 
 

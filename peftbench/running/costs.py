@@ -1,9 +1,11 @@
-"""What a trial costs besides its parameters: peak memory, inference latency, environment.
+"""What a trial costs besides its parameters: peak memory, inference latency, environment, machine load.
 
 Peak memory is the process's resident set on CPU (Linux: ``VmHWM``, reset per trial through
 ``/proc/self/clear_refs``; elsewhere sampled with psutil) and ``torch.cuda.max_memory_allocated``
 on CUDA. Inference latency is a ratio: the trained model against the plain backbone on the
-same batch, a few forward passes each, interleaved so that machine noise hits both.
+same batch, a few forward passes each, interleaved so that machine noise hits both. The machine's
+load (1-minute load average and CPUs) is sampled when a trial starts and ends, so that a report can
+say which cost figures were taken on a busy machine.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from importlib import metadata
 
 import torch
 
+from peftbench.results.records import MachineLoad
+
 # glibc tuning that removes page-fault storms from CPU training steps (see the README)
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 MALLOC_VALUE = 1 << 30
@@ -30,6 +34,19 @@ def cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
         return os.cpu_count() or 1
+
+
+def machine_load() -> MachineLoad:
+    """The machine's 1-minute load average, its CPUs and the CPUs this process may use, now."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # Windows; a system that does not say
+        load = None
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = None
+    return MachineLoad(load_1min=load, cpu_count=os.cpu_count(), usable_cpus=usable)
 
 
 _MALLOC_TUNED: str | None = None

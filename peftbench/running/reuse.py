@@ -6,7 +6,8 @@ search trial trained (its pruner never fired: a pruned trial is never reused). T
 would only repeat the numbers; instead ``evaluate_reused`` loads the search trial's saved adapter
 (and head) into a fresh, verified injection, reads test once, and copies the search trial's folder
 (adapter, logs) into the final trial's. Everything but the test metrics (validation, curves, steps,
-times, memory) is the search trial's own measurement; ``environment.reused_search_trial`` names it.
+times, memory, and the machine's load while they were taken) is the search trial's own measurement;
+``environment.reused_search_trial`` names it.
 The runner only reuses a search trial whose folder is local and holds its adapter; otherwise the
 final trial trains as any other.
 """
@@ -79,6 +80,7 @@ def evaluate_reused(spec: TrialSpec, search: TrialRecord, options, artifacts: st
     was = search.result
     return was.model_copy(update={
         "metrics": test_metrics, "chance": chance, "artifacts": artifacts,
+        "examples": {**was.examples, "test": len(data["test"])},
         "environment": {**environment(device), **was.environment, "reused_search_trial": search.trial_id},
         "splits": {**was.splits, "validation": f"selects checkpoints and search values: "
                                                f"{task.origins.get('validation', '')}",

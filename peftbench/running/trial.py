@@ -21,7 +21,7 @@ from peftbench.contract.apply import apply
 from peftbench.contract.injection import WEIGHTS_FILE
 from peftbench.errors import ConfigError, VerificationError
 from peftbench.results.records import TrialResult, TrialSpec
-from peftbench.running.costs import PeakMemory, environment, latency_ratio
+from peftbench.running.costs import PeakMemory, environment, latency_ratio, machine_load
 from peftbench.running.distributed import rank_and_world
 from peftbench.running.options import RunOptions
 from peftbench.running.search import Pruning, pruning_callback
@@ -89,6 +89,7 @@ def run_trial(spec: TrialSpec, options: RunOptions, artifacts: str | None, regis
     from peftbench.running.train import Diverged, curves, train
     from peftbench.tasks.metrics import compute_metrics
 
+    load_start = machine_load()
     cfg = spec.training
     if options.threads:
         torch.set_num_threads(options.threads)
@@ -132,7 +133,8 @@ def run_trial(spec: TrialSpec, options: RunOptions, artifacts: str | None, regis
                                     prune=pruning_callback(pruning) if spec.role == "search" else None)
     except Diverged as exc:
         exc.result = TrialResult(steps=exc.steps, curves=curves(exc.log_history, task.primary_metric),
-                                 environment={**environment(device), **_ranks()})
+                                 environment={**environment(device), **_ranks()}, examples=_examples(data, spec),
+                                 load_start=load_start, load_end=machine_load())
         raise
     test_metrics, chance = {}, {}
     if spec.role == "final":  # selection never sees test: a search trial stops at validation
@@ -164,7 +166,14 @@ def run_trial(spec: TrialSpec, options: RunOptions, artifacts: str | None, regis
                               f"{task.origins.get('validation', '')}",
                 **({"test": f"read once, by this final trial: {task.origins.get('test', '')}"}
                    if spec.role == "final" else {})},
+        examples=_examples(data, spec), load_start=load_start, load_end=machine_load(),
     )
+
+
+def _examples(data: dict, spec: TrialSpec) -> dict[str, int]:
+    """Examples per split the trial used: train and validation, and test for a final trial (it reads it)."""
+    splits = ("train", "validation", "test") if spec.role == "final" else ("train", "validation")
+    return {split: len(data[split]) for split in splits if split in data}
 
 
 def adapter_metadata(task, backbone, cfg) -> dict:
