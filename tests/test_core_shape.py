@@ -196,7 +196,7 @@ def test_run_flags_are_declared_once():
     assert len(targets) == len(set(targets))
 
 
-@pytest.mark.parametrize("field", ["device", "threads", "save_weights"])
+@pytest.mark.parametrize("field", ["device", "threads", "save_weights", "report_to"])
 def test_run_options_never_enter_a_trial(field):
     from peftbench.results.records import TrialSpec, TrainingSpec
 

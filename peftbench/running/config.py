@@ -27,6 +27,7 @@ from peftbench.contract.method import format_validation_error
 from peftbench.errors import BudgetError, ConfigError
 from peftbench.results.records import ADDED_TRAINING_FIELDS, REFERENCE_ROLES, TrainingSpec, canonical_json
 from peftbench.running.search import SearchConfig
+from peftbench.running.trackers import parse_report_to
 from peftbench.tasks.entry import TaskEntry
 
 DEFAULT_TASK = "movie_sentiment"
@@ -85,7 +86,7 @@ class MethodEntry(_Strict):
 
 class TrainingConfig(TrainingSpec):
     """The ``training:`` section: a ``TrainingSpec`` (what a trial computes) plus the learning rates
-    per method and the run options (device, threads, saving weights), which are not trial identity.
+    per method and the run options (device, threads, saving weights, trackers), which are not trial identity.
 
     ``lr`` maps a method to its learning rate; a method not listed uses its declared
     ``schedule_lr`` (tuned for the default schedule), else its ``default_lr``.
@@ -97,6 +98,13 @@ class TrainingConfig(TrainingSpec):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: the CPUs this process may use)")
     save_weights: bool = Field(True, description="save each trial's adapter weights (safetensors) in its folder")
+    report_to: list[str] = Field(default_factory=list, description="trackers each trial logs to through transformers' "
+                                 "report_to: tensorboard, mlflow, wandb (none: [])")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _trackers(cls, value):
+        return parse_report_to(value)
 
     @field_validator("device")
     @classmethod

@@ -207,12 +207,11 @@ class RayExecutor:
         self.gpus = self._gpus()
         self._check_fits(self.gpus)
         device = self.run_options.device
-        self.worker_options = RunOptions(
+        self.worker_options = self.run_options.model_copy(update=dict(  # trackers and saving as the driver's
             device="cpu" if not self.gpus and device == "auto" else device,  # no GPU reserved: keep off any GPU
             threads=self.run_options.threads or max(1, int(self.options.cpus_per_trial)),
-            save_weights=self.run_options.save_weights,
             quiet=True,  # per-trial bars from many workers would interleave
-        )
+        ))
 
     def run(self, jobs: list[Job], on_start: OnStart, on_done: OnDone) -> None:
         """Run ``jobs``; called once per search round and once for the final trials (``close`` ends it)."""

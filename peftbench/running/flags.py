@@ -174,6 +174,9 @@ FLAGS: tuple[Flag, ...] = (
     Flag("out", "output", "folder holding the suites (default: reports)", "out", options={"metavar": "DIR"}),
     Flag("dry_run", "output", "print the grid with solved sizes and stop", kind="switch"),
     Flag("quiet", "output", "no progress bars or per-trial lines", kind="switch"),
+    Flag("report_to", "output", "trackers each trial logs to, a run of its own (repeatable): tensorboard (events in "
+         "its folder), mlflow (MLFLOW_TRACKING_URI, else the file store OUT/SUITE/mlruns; experiment: the suite), "
+         "wandb (project: the suite) or none (default)", "training.report_to", "list", {"metavar": "T[,T...]"}),
     Flag("artifacts_dir", "output", "where each trial's folder (weights, logs) goes: a folder, or an fsspec URL such as "
          "s3://bucket/path once its filesystem package is installed (default: OUT/SUITE/trials)", "artifacts_dir",
          options={"metavar": "DIR|URL"}),

@@ -5,8 +5,9 @@ schedule, so the final trial of that seed at the selected values trains exactly 
 search trial trained (its pruner never fired: a pruned trial is never reused). Training it again
 would only repeat the numbers; instead ``evaluate_reused`` loads the search trial's saved adapter
 (and head) into a fresh, verified injection, reads test once, and copies the search trial's folder
-(adapter, logs) into the final trial's. Everything but the test metrics (validation, curves, steps,
-times, memory, and the machine's load while they were taken) is the search trial's own measurement;
+(adapter, logs, TensorBoard events) into the final trial's; its tracker runs get the search trial's
+curves and its own test metrics. Everything but the test metrics (validation, curves, steps, times,
+memory, and the machine's load while they were taken) is the search trial's own measurement;
 ``environment.reused_search_trial`` names it.
 The runner only reuses a search trial whose folder is local and holds its adapter; otherwise the
 final trial trains as any other.
@@ -22,6 +23,7 @@ from peftbench.contract.injection import CONFIG_FILE, WEIGHTS_FILE
 from peftbench.errors import VerificationError
 from peftbench.results.records import TrialRecord, TrialResult, TrialSpec
 from peftbench.running.artifacts import is_remote
+from peftbench.running.trackers import TrialTracking
 
 ADAPTER = "adapter"
 HEAD = "head."
@@ -78,6 +80,11 @@ def evaluate_reused(spec: TrialSpec, search: TrialRecord, options, artifacts: st
     if artifacts is not None:
         shutil.copytree(search.result.artifacts, artifacts, dirs_exist_ok=True)
     was = search.result
+    with TrialTracking(spec, options, Path(artifacts) if artifacts is not None else None) as tracking:
+        tracking.tag(reused_search_trial=search.trial_id)  # its own run: the search trial's curves, its test
+        tracking.adopt_events(search.spec)
+        tracking.log_curves(was.curves, spec.primary_metric)
+        tracking.log_test(test_metrics, was.best_step or was.steps)
     return was.model_copy(update={
         "metrics": test_metrics, "chance": chance, "artifacts": artifacts,
         "examples": {**was.examples, "test": len(data["test"])},

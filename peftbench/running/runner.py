@@ -32,6 +32,7 @@ from peftbench.running.plan import Plan, finish_suite, make_plan, print_plan
 from peftbench.running.search import active_search
 from peftbench.running.searching import SearchRounds
 from peftbench.running.suite_dir import STORE_FILE, check_suite_dir, open_suite_dir
+from peftbench.running.trackers import check_installed, prepare as prepare_trackers
 
 __all__ = ["add_run_arguments", "main_run", "run_plan", "resolve_suite"]
 
@@ -222,6 +223,7 @@ def main_run(args) -> int:
     quiet = bool(getattr(args, "quiet", False))
     rank, world = rank_and_world()
     check_run_options(args, suite, world)
+    check_installed(suite.training.report_to)  # a missing tracker fails now, not in every trial
     options = setup_process(suite, quiet)
     if suite.executor == "local" or options.device == "cpu":
         # fail now, not per trial (a Ray driver may have no GPU while its workers do)
@@ -263,6 +265,7 @@ def main_run(args) -> int:
         if suite.executor == "ray" and suite.ray.address:
             executor.connect()  # an unreachable cluster fails before the suite folder is touched
         suite_dir = open_suite_dir(plan, command_line(args), out)
+        prepare_trackers(options, plan.name)  # MLflow's store opens (and holds the experiment) before any trial
         if artifacts is None and suite.executor != "local":
             artifacts = str((suite_dir / "trials").absolute())  # workers do not share the driver's working folder
         with Store(suite_dir / STORE_FILE, registry=registry) as store:

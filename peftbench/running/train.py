@@ -228,7 +228,9 @@ def per_rank_batch(batch_size: int) -> int:
 
 
 def training_arguments(cfg: TrainingSpec, lr: float, seed: int, total_steps: int, device: torch.device,
-                       precision: str, output_dir: str) -> TrainingArguments:
+                       precision: str, output_dir: str, report_to: list[str] | str = "none",
+                       run_name: str | None = None) -> TrainingArguments:
+    """``report_to``/``run_name``: the trial's trackers and run (``running.trackers``), never its numbers."""
     eval_every = cfg.eval_every or max(1, math.ceil(total_steps / EVALS_PER_TRIAL))
     return TrainingArguments(
         output_dir=output_dir,
@@ -248,7 +250,8 @@ def training_arguments(cfg: TrainingSpec, lr: float, seed: int, total_steps: int
         logging_strategy="steps",
         logging_steps=max(1, total_steps // LOG_POINTS),
         logging_nan_inf_filter=False,
-        report_to="none",
+        report_to=report_to,
+        run_name=run_name,
         seed=seed,
         data_seed=seed,
         use_cpu=device.type == "cpu",
@@ -263,11 +266,13 @@ def training_arguments(cfg: TrainingSpec, lr: float, seed: int, total_steps: int
 def train(backbone, data, task, cfg: TrainingSpec, *, lr: float, seed: int, device: torch.device, precision: str,
           metric_fn: Callable[[object], dict], generation_eval: Callable[[object], dict] | None = None,
           desc: str = "trial", quiet: bool = False,
-          prune: Callable[[int, float], bool] | None = None) -> tuple[TrainOutcome, _Trainer, _Watch]:
+          prune: Callable[[int, float], bool] | None = None, report_to: list[str] | str = "none",
+          run_name: str | None = None) -> tuple[TrainOutcome, _Trainer, _Watch]:
     """Train ``backbone.model`` (already frozen + injected) and restore its best validation state.
 
     ``data`` holds tokenized ``train`` and ``validation`` (raw validation for generation tasks);
-    ``prune(step, value)``: a search trial's pruner, asked at each validation pass (True stops it).
+    ``prune(step, value)``: a search trial's pruner, asked at each validation pass (True stops it);
+    ``report_to``, ``run_name``: the trackers the Trainer logs to and the run's name.
     """
     model = backbone.model
     total = plan_steps(len(data["train"]), cfg)
@@ -275,7 +280,7 @@ def train(backbone, data, task, cfg: TrainingSpec, *, lr: float, seed: int, devi
                    prune)
     kind = "generation" if generation_eval is not None else "classification"
     with tempfile.TemporaryDirectory(prefix="peftbench-trainer-") as tmp:
-        args = training_arguments(cfg, lr, seed, total, device, precision, tmp)
+        args = training_arguments(cfg, lr, seed, total, device, precision, tmp, report_to, run_name)
         trainer = _Trainer(
             model=model,
             args=args,

@@ -25,6 +25,7 @@ from peftbench.running.costs import PeakMemory, environment, latency_ratio, mach
 from peftbench.running.distributed import rank_and_world
 from peftbench.running.options import RunOptions
 from peftbench.running.search import Pruning, pruning_callback
+from peftbench.running.trackers import TrialTracking
 from peftbench.tasks.data import PROMPT, backbone_task_kind, encoded_data, raw_data, task_for
 from peftbench.tasks.task import REFERENCES
 
@@ -125,34 +126,37 @@ def run_trial(spec: TrialSpec, options: RunOptions, artifacts: str | None, regis
         return compute_metrics(task, eval_pred.predictions, eval_pred.label_ids)
 
     peak = PeakMemory(device).start()
-    desc = f"{spec.method} {spec.budget or ''} seed {spec.seed}".replace("  ", " ")
-    try:
-        outcome, trainer, _ = train(backbone, data, task, cfg, lr=spec.lr, seed=spec.seed, device=device,
-                                    precision=precision, metric_fn=metric_fn, generation_eval=generation_eval,
-                                    desc=desc, quiet=options.quiet,
-                                    prune=pruning_callback(pruning) if spec.role == "search" else None)
-    except Diverged as exc:
-        exc.result = TrialResult(steps=exc.steps, curves=curves(exc.log_history, task.primary_metric),
-                                 environment={**environment(device), **_ranks()}, examples=_examples(data, spec),
-                                 load_start=load_start, load_end=machine_load())
-        raise
-    test_metrics, chance = {}, {}
-    if spec.role == "final":  # selection never sees test: a search trial stops at validation
-        if generation_eval is not None:
-            test_metrics = generation_eval(data["test"])
-        else:
-            out = trainer.predict(data["test"], metric_key_prefix="test")
-            test_metrics = compute_metrics(task, out.predictions, out.label_ids)
-            chance = majority_scores(task, data["train"]["labels"], out.label_ids)
-    injection.finalize()
-    stored_bytes = _save(injection, backbone, folder / "adapter" if saved else None, metadata)
-    peak_bytes, mem_kind = peak.stop()
+    with TrialTracking(spec, options, folder) as tracking:  # the trial's runs (--report-to); FAILED if it raises
+        desc = f"{spec.method} {spec.budget or ''} seed {spec.seed}".replace("  ", " ")
+        try:
+            outcome, trainer, _ = train(backbone, data, task, cfg, lr=spec.lr, seed=spec.seed, device=device,
+                                        precision=precision, metric_fn=metric_fn, generation_eval=generation_eval,
+                                        desc=desc, quiet=options.quiet,
+                                        prune=pruning_callback(pruning) if spec.role == "search" else None,
+                                        report_to=tracking.report_to, run_name=tracking.run_name)
+        except Diverged as exc:
+            exc.result = TrialResult(steps=exc.steps, curves=curves(exc.log_history, task.primary_metric),
+                                     environment={**environment(device), **_ranks()}, examples=_examples(data, spec),
+                                     load_start=load_start, load_end=machine_load())
+            raise
+        test_metrics, chance = {}, {}
+        if spec.role == "final":  # selection never sees test: a search trial stops at validation
+            if generation_eval is not None:
+                test_metrics = generation_eval(data["test"])
+            else:
+                out = trainer.predict(data["test"], metric_key_prefix="test")
+                test_metrics = compute_metrics(task, out.predictions, out.label_ids)
+                chance = majority_scores(task, data["train"]["labels"], out.label_ids)
+            tracking.log_test(test_metrics, outcome.best_step or outcome.steps)
+        injection.finalize()
+        stored_bytes = _save(injection, backbone, folder / "adapter" if saved else None, metadata)
+        peak_bytes, mem_kind = peak.stop()
 
-    overhead = _inference_overhead(spec.backbone, task, backbone, injection, data["latency"], spec.seed, device,
-                                   registry)
-    trial_curves = curves(outcome.log_history, task.primary_metric)
-    if folder is not None:
-        _write_logs(folder, outcome.log_history, trial_curves)
+        overhead = _inference_overhead(spec.backbone, task, backbone, injection, data["latency"], spec.seed, device,
+                                       registry)
+        trial_curves = curves(outcome.log_history, task.primary_metric)
+        if folder is not None:
+            _write_logs(folder, outcome.log_history, trial_curves)
     return TrialResult(
         metrics=test_metrics, val_metrics=outcome.val_metrics, best_step=outcome.best_step,
         stored_bytes=stored_bytes, costs=injection.costs(), step_time_s=outcome.step_time_s,
