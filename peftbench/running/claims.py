@@ -138,8 +138,12 @@ class Claims:
 
     # -- lifetime -------------------------------------------------------------------------------
     def __enter__(self) -> "Claims":
-        earlier = [claimed_at for key, (owner, claimed_at, beat) in self.store.claims().items()
-                   if key.startswith(RUN_PREFIX) and self.live(owner, beat)]
+        earlier = []
+        for key, (owner, claimed_at, beat) in self.store.claims().items():
+            if key.startswith(RUN_PREFIX) and self.live(owner, beat):
+                earlier.append(claimed_at)
+            elif key.startswith(RUN_PREFIX):  # a run that was killed: its lease goes
+                self.store.release(owner, key)
         self.since = min([self.since, *earlier])  # joining a run: its failures are not retried by this group
         self.store.lease(RUN_PREFIX + self.owner, self.owner, self.live, claimed_at=self.since)
         self._thread = threading.Thread(target=self._beat, name="peftbench-heartbeat", daemon=True)
