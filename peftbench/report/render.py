@@ -12,6 +12,7 @@ asks to go.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from peftbench.errors import ConfigError
@@ -73,7 +74,7 @@ def write_report(suite_dir: str | Path, store: Store, registry, out_dir: str | P
     target.mkdir(parents=True, exist_ok=True)
     text = render(suite_dir, store, registry, target)
     path = target / "report.md"
-    tmp = path.with_suffix(".md.tmp")
+    tmp = path.with_suffix(f".md.{os.getpid()}.tmp")  # two processes writing at once never share one
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)  # readers never see half a report
     return path

@@ -9,18 +9,22 @@ trial in flight: its row stays ``running`` and ``is_done`` says it must run agai
 rows (``done``, ``unreachable``) are never overwritten; ``failed`` and ``diverged`` rows are
 retried on the next run (``attempts`` counts the tries). WAL mode lets the report (or
 several readers) read while a run writes. A search trial never stores a test metric.
+
+The ``claims`` table says which process runs what now (``running.claims``): ``claim`` starts a
+trial only when no other live process holds it, in the same transaction, so several runs on
+one store never train a trial twice; only the holder may ``finish``/``fail`` it.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import sqlite3
 import threading
 import types
 import typing
 from contextlib import contextmanager
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +32,7 @@ from pydantic import BaseModel, ValidationError
 
 from peftbench.errors import PeftbenchError
 from peftbench.results import migrate
+from peftbench.results.leases import CLAIMS, Leases, Live, create_claims, now
 from peftbench.results.records import TrialRecord, TrialResult, TrialSpec
 
 SCHEMA_VERSION = 2
@@ -40,8 +45,8 @@ class StoreError(PeftbenchError):
     """The store refuses a write that would lose data, or cannot be read."""
 
 
-def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+class ClaimLost(StoreError):
+    """Another process took over a trial this one was running (its heartbeat had gone stale)."""
 
 
 # -- columns, from the records ---------------------------------------------------------------
@@ -149,7 +154,7 @@ def check_store(path: Path) -> None:
         raise StoreError(unreadable(path, exc)) from None
 
 
-class Store:
+class Store(Leases):
     """``<out>/<suite>/results.sqlite``. ``create=False`` refuses a missing file.
 
     ``registry`` (optional) lets a store written by an older peftbench be migrated with what
@@ -167,15 +172,30 @@ class Store:
                 self._check_readonly()
                 return
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            existed = self.path.is_file()
             self._conn = sqlite3.connect(self.path, timeout=60, check_same_thread=False, isolation_level=None)
             self._conn.row_factory = sqlite3.Row
             self._conn.execute("PRAGMA busy_timeout = 60000")
-            self._conn.execute("PRAGMA journal_mode = WAL")
+            self._journal(os.environ.get("PEFTBENCH_STORE_JOURNAL") or (None if existed else "wal"))
             self._conn.execute("PRAGMA synchronous = FULL")  # a finished trial survives a power cut too
             if self._open_schema(registry):
                 self._conn.execute("VACUUM")  # the old table's pages go back: a migrated store is no larger than needed
         except sqlite3.DatabaseError as exc:
             raise StoreError(unreadable(self.path, exc)) from None
+
+    def _journal(self, wanted: str | None) -> None:
+        """WAL (readers never wait; every process on one machine) or a rollback journal (``delete``: processes
+        on several machines sharing the folder, where the filesystem's locks work); None: keep the file's."""
+        if wanted is None:
+            return
+        wanted = wanted.lower()
+        if wanted not in ("wal", "delete"):
+            raise StoreError(f"PEFTBENCH_STORE_JOURNAL={wanted!r} is not one of wal, delete")
+        mode = self._conn.execute(f"PRAGMA journal_mode = {wanted.upper()}").fetchone()[0]
+        if wanted == "delete" and mode != "delete":
+            self._conn.close()
+            raise StoreError(f"{self.path} stays in WAL mode while another process has it open; "
+                             f"PEFTBENCH_STORE_JOURNAL=delete needs every process on the suite started with it")
 
     def _check_readonly(self) -> None:
         """A store opened read-only must already hold today's schema (nothing can be migrated)."""
@@ -224,6 +244,7 @@ class Store:
         for name in [c for c in COLUMNS if c not in present]:  # a field added since: a new column, empty (its default)
             db.execute(f"ALTER TABLE {TABLE} ADD COLUMN {name} {COLUMNS[name].replace('JSON', 'TEXT')}")
         db.execute(f"CREATE INDEX IF NOT EXISTS {TABLE}_suite ON {TABLE} (suite)")
+        create_claims(db)
 
     @staticmethod
     def _insert(db, record: TrialRecord, replace: bool = False) -> None:
@@ -279,15 +300,34 @@ class Store:
     # -- writes --------------------------------------------------------------------------
     def start(self, spec: TrialSpec) -> None:
         """Record a trial as running (a retry of a failed/diverged/killed row replaces it)."""
+        with self._write() as db:
+            self._start(db, spec)
+
+    def _start(self, db, spec: TrialSpec) -> None:
         if not isinstance(spec, TrialSpec):
             raise StoreError(f"Store.start takes a TrialSpec, not {type(spec).__name__}")
+        old = db.execute(f"SELECT status, attempts FROM {TABLE} WHERE trial_id = ?", (spec.trial_id,)).fetchone()
+        if old is not None and old["status"] in FINISHED:
+            raise StoreError(f"trial {spec.trial_id} is already {old['status']}; refusing to overwrite it")
+        record = TrialRecord(trial_id=spec.trial_id, spec=spec, status="running", started_at=now(),
+                             attempts=(old["attempts"] or 0 if old else 0) + 1)
+        self._insert(db, record, replace=True)
+
+    # -- claims: several processes on one store ---------------------------------------------
+    def claim(self, spec: TrialSpec, owner: str, live: Live, since: str | None = None) -> str:
+        """Start ``spec`` for ``owner`` in one transaction, unless it is ``finished``, or was ``tried``
+        (failed/diverged) at or after ``since``, or is ``held`` by another process that ``live(owner,
+        heartbeat_at)`` says still runs; returns that word, or ``claimed``."""
         with self._write() as db:
-            old = db.execute(f"SELECT status, attempts FROM {TABLE} WHERE trial_id = ?", (spec.trial_id,)).fetchone()
+            old = db.execute(f"SELECT status, finished_at FROM {TABLE} WHERE trial_id = ?", (spec.trial_id,)).fetchone()
             if old is not None and old["status"] in FINISHED:
-                raise StoreError(f"trial {spec.trial_id} is already {old['status']}; refusing to overwrite it")
-            record = TrialRecord(trial_id=spec.trial_id, spec=spec, status="running", started_at=now(),
-                                 attempts=(old["attempts"] or 0 if old else 0) + 1)
-            self._insert(db, record, replace=True)
+                return "finished"
+            if since and old is not None and old["status"] in FAILURES and (old["finished_at"] or "") >= since:
+                return "tried"
+            if not self._take(db, spec.trial_id, owner, live):
+                return "held"
+            self._start(db, spec)
+        return "claimed"
 
     def unreachable(self, spec: TrialSpec) -> None:
         """Record a trial whose budget its method cannot reach (it never runs; the note says why)."""
@@ -299,17 +339,20 @@ class Store:
             self._insert(db, TrialRecord(trial_id=spec.trial_id, spec=spec, status="unreachable", error=spec.note,
                                          attempts=1, started_at=stamp, finished_at=stamp), replace=True)
 
-    def finish(self, trial_id: str, result: TrialResult) -> None:
-        """Record a started trial as done with its metrics and costs (one transaction)."""
-        self._close(trial_id, "done", None, result)
+    def finish(self, trial_id: str, result: TrialResult, owner: str | None = None) -> None:
+        """Record a started trial as done with its metrics and costs (one transaction); ``owner``: only
+        while that process holds its claim, which ends here."""
+        self._close(trial_id, "done", None, result, owner)
 
-    def fail(self, trial_id: str, status: str, error: str, result: TrialResult | None = None) -> None:
+    def fail(self, trial_id: str, status: str, error: str, result: TrialResult | None = None,
+             owner: str | None = None) -> None:
         """Record ``failed``/``diverged`` with the reason and what the trial got so far."""
         if status not in ("failed", "diverged"):
             raise StoreError(f"Store.fail: status {status!r} is not one of failed, diverged")
-        self._close(trial_id, status, str(error), result)
+        self._close(trial_id, status, str(error), result, owner)
 
-    def _close(self, trial_id: str, status: str, error: str | None, result: TrialResult | None) -> None:
+    def _close(self, trial_id: str, status: str, error: str | None, result: TrialResult | None,
+               owner: str | None) -> None:
         if result is not None and not isinstance(result, TrialResult):
             raise StoreError(f"Store.{'finish' if status == 'done' else 'fail'} takes a TrialResult, "
                              f"not {type(result).__name__}")
@@ -317,6 +360,10 @@ class Store:
             old = db.execute(f"SELECT * FROM {TABLE} WHERE trial_id = ?", (trial_id,)).fetchone()
             if old is None:
                 raise StoreError(f"trial {trial_id} was never started; call Store.start first")
+            held = db.execute(f"SELECT owner FROM {CLAIMS} WHERE key = ?", (trial_id,)).fetchone()
+            if owner is not None and (held is None or held["owner"] != owner):
+                raise ClaimLost(f"trial {trial_id} was taken over by {held['owner'] if held else 'another process'} "
+                                f"while this process ran it (its heartbeat had gone stale); this result is not kept")
             if old["status"] in FINISHED:
                 raise StoreError(f"trial {trial_id} is already {old['status']}; refusing to overwrite it")
             record = _record(old)
@@ -326,6 +373,8 @@ class Store:
             record = record.model_copy(update={"status": status, "error": error, "finished_at": now(),
                                                "result": result})
             self._insert(db, record, replace=True)
+            if owner is not None:
+                db.execute(f"DELETE FROM {CLAIMS} WHERE key = ?", (trial_id,))
 
     # -- lifetime ------------------------------------------------------------------------
     def close(self) -> None:

@@ -3,7 +3,8 @@
 An executor gets the pending jobs (a ``TrialSpec``, where its artifacts go and, for a search
 trial, its group's study for the pruner) and two
 callbacks, ``on_start(job)`` and ``on_done(job, outcome)``, and calls them on the driver:
-only the driver writes the results store. Whatever runs a trial calls
+only the driver writes the results store. ``on_start`` returns False for a job not to run
+(another process has claimed it); ``on_done`` follows only the jobs that ran. Whatever runs a trial calls
 ``execute.execute_trial``, which never raises for the trial's own errors. The run options
 are fixed when the executor is built; the Ray executor derives its workers' options once.
 """
@@ -43,7 +44,7 @@ class Job:
         return self.spec.trial_id
 
 
-OnStart = Callable[[Job], None]
+OnStart = Callable[[Job], bool]  # False: skip the job
 OnDone = Callable[[Job, Outcome], None]
 
 
@@ -64,7 +65,8 @@ class LocalExecutor:
 
     def run(self, jobs: list[Job], on_start: OnStart, on_done: OnDone) -> None:
         for job in jobs:
-            on_start(job)
+            if not on_start(job):
+                continue
             on_done(job, execute_trial(job.spec, self.options, job.artifacts, self.registry, job.pruning, job.reuse))
 
 
@@ -229,9 +231,12 @@ class RayExecutor:
             while queue or running:
                 while queue and len(running) < self._room(self.gpus):
                     job = queue.pop(0)
-                    on_start(job)
+                    if not on_start(job):
+                        continue
                     running[task.remote(job.spec, self.worker_options, job.artifacts, dirs, job.pruning,
                                          job.reuse)] = job
+                if not running:  # every job left was skipped
+                    break
                 ready, _ = ray.wait(list(running), num_returns=1)
                 for ref in ready:
                     job = running.pop(ref)

@@ -1,7 +1,10 @@
 """``peftbench run``: plan the grid, run its trials through an executor, then write the report.
 
 Every trial has one row in ``<out>/<suite>/results.sqlite``; a rerun skips finished rows, so
-a killed run resumes and loses only the trial in flight. Only this driver writes the store:
+a killed run resumes and loses only the trial in flight. Several runs may share one suite
+folder: each claims a trial right before running it (``running.claims``), leaves the ones
+another live process holds to it, waits for them at the end (taking over any whose process
+died), and rewrites the report once the grid is done. Only this driver writes the store:
 an executor only runs trials (``local``: in this process, one at a time; ``ray``: one Ray task
 per trial, anywhere on a cluster) and calls back here with each outcome.
 
@@ -19,8 +22,9 @@ from pathlib import Path
 from typing import Callable
 
 from peftbench.errors import ConfigError, PeftbenchError
-from peftbench.results.store import Store
+from peftbench.results.store import ClaimLost, Store
 from peftbench.running.artifacts import check_artifacts_dir, clear_artifacts
+from peftbench.running.claims import Claims
 from peftbench.running.config import SuiteConfig, merge, read_yaml, validate_suite
 from peftbench.running.distributed import broadcast_from_main, init_distributed, rank_and_world
 from peftbench.running.execute import Outcome, execute_trial
@@ -39,17 +43,24 @@ __all__ = ["add_run_arguments", "main_run", "run_plan", "resolve_suite"]
 
 # -- executing -------------------------------------------------------------------------------
 def run_plan(plan: Plan, store: Store, suite_dir: Path, executor, quiet: bool = False, artifacts: str | None = None,
-             announce: Callable[[list[str]], None] | None = None, registry=None) -> dict[str, int]:
-    """Run the search (if the suite has one) and the final trials not finished yet; returns counts by status (``searched``: search trials done in this run).
+             announce: Callable[[list[str]], None] | None = None, registry=None, claims: Claims | None = None,
+             ahead: bool = False) -> dict[str, int]:
+    """Run the search (if the suite has one) and the final trials not finished yet; returns counts by status (``searched``: search trials done in this run; ``by others``: trials another process finished or holds).
 
     ``artifacts``: the folder or URL that holds one folder per trial (default: ``suite_dir/trials``);
     ``announce(pending_ids)`` is called once the pending final trials are known, before they run;
-    ``registry``: the plugins' registry, which a search needs (its spaces and values are the methods').
+    ``registry``: the plugins' registry, which a search needs (its spaces and values are the methods');
+    ``claims``: this process's claims on the store (default: its own for this call): a trial is claimed right
+    before it runs, and one that another live process holds is left to it and waited for at the end;
+    ``ahead``: claim the pending final trials before ``announce`` and wait for none (torchrun ranks follow one list).
     """
+    if claims is None:
+        with Claims(store) as own:
+            return run_plan(plan, store, suite_dir, executor, quiet, artifacts, announce, registry, own, ahead)
     from tqdm.auto import tqdm
 
     root = artifacts.rstrip("/") if artifacts else str(suite_dir / "trials")
-    counts = {"skipped": 0, "searched": 0, "done": 0, "failed": 0, "diverged": 0, "waiting": 0}
+    counts = {"skipped": 0, "searched": 0, "done": 0, "failed": 0, "diverged": 0, "waiting": 0, "by others": 0}
     search = active_search(plan.suite)
     if search is not None and registry is None:
         raise ConfigError("a suite with a search needs the plugins' registry: run_plan(..., registry=...)")
@@ -57,30 +68,55 @@ def run_plan(plan: Plan, store: Store, suite_dir: Path, executor, quiet: bool = 
     counts["skipped"] = rounds.finished() if rounds else 0
     bar = tqdm(total=len(plan.trials) + (rounds.total if rounds else 0), initial=counts["skipped"],
                desc=f"suite {plan.name}", position=0, disable=quiet, dynamic_ncols=True, unit="trial")
+    held: list[Job] = []  # the jobs of the last run_jobs that another live process holds
+    claimed: set[str] = set()  # claimed ahead
 
-    def on_start(job: Job) -> None:
-        store.start(job.spec)  # refuses a finished trial, so its folder is never cleared below
+    def by_others() -> None:
+        counts["by others"] += 1
+        bar.update(1)
+
+    def on_start(job: Job) -> bool:
+        if job.trial_id not in claimed:
+            state = claims.claim(job.spec)  # refuses a finished trial, so its folder is never cleared below
+            if state == "held":
+                held.append(job)
+            elif state != "claimed":  # another process finished (or tried) it since the plan was made
+                by_others()
+            if state != "claimed":
+                return False
         clear_artifacts(job.artifacts)  # leftovers of a killed or failed attempt
         bar.set_postfix_str(job.spec.label, refresh=True)
+        return True
 
     def on_done(job: Job, outcome: Outcome) -> None:
-        if outcome.status == "done":
-            store.finish(job.trial_id, outcome.result)
-        else:
-            store.fail(job.trial_id, outcome.status, outcome.error, outcome.result)
+        try:
+            if outcome.status == "done":
+                store.finish(job.trial_id, outcome.result, owner=claims.owner)
+            else:
+                store.fail(job.trial_id, outcome.status, outcome.error, outcome.result, owner=claims.owner)
+        except ClaimLost as exc:
+            bar.write(f"peftbench: {exc}", file=sys.stderr)
+            by_others()
+            return
         search_done = outcome.status == "done" and job.spec.role == "search"
         counts["searched" if search_done else outcome.status] += 1
         bar.update(1)
         if not quiet:
             bar.write(_line(job.spec, outcome))
 
-    def run_jobs(jobs: list[Job]) -> None:
+    def run_jobs(jobs: list[Job]) -> list[Job]:
+        """Run ``jobs``; the ones another live process holds come back, not run."""
+        held.clear()
         executor.prepare(jobs)
         executor.run(jobs, on_start, on_done)
+        return list(held)
+
+    def wait(jobs: list[Job]) -> None:
+        claims.wait([job.spec for job in jobs], lambda line: bar.write(line, file=sys.stderr))
 
     try:
         if rounds is not None:
-            rounds.run(run_jobs)
+            rounds.run(run_jobs, wait, claims.since)
             finals, waiting = rounds.finals()
             counts["waiting"] = len(plan.trials) - len(finals.trials)
             bar.total -= counts["waiting"]
@@ -96,10 +132,18 @@ def run_plan(plan: Plan, store: Store, suite_dir: Path, executor, quiet: bool = 
                 queued.add(spec.trial_id)
                 pending.append(Job(spec, f"{root}/{spec.trial_id}",
                                    reuse=rounds.reuse.get(spec.trial_id) if rounds is not None else None))
+        if ahead:
+            claimed.update(job.trial_id for job in pending if claims.claim(job.spec) == "claimed")
+            for _ in range(len(pending) - len(claimed)):
+                by_others()
+            pending = [job for job in pending if job.trial_id in claimed]
         executor.prepare(pending)
         if announce is not None:
             announce([job.trial_id for job in pending])
-        executor.run(pending, on_start, on_done)
+        others = run_jobs(pending)
+        while others and not ahead:  # the grid is done when theirs are: wait, taking over any whose process died
+            wait(others)
+            others = run_jobs(others)
     finally:
         bar.close()
     return counts
@@ -268,10 +312,11 @@ def main_run(args) -> int:
         prepare_trackers(options, plan.name)  # MLflow's store opens (and holds the experiment) before any trial
         if artifacts is None and suite.executor != "local":
             artifacts = str((suite_dir / "trials").absolute())  # workers do not share the driver's working folder
-        with Store(suite_dir / STORE_FILE, registry=registry) as store:
+        with Store(suite_dir / STORE_FILE, registry=registry) as store, Claims(store) as claims:
             counts = run_plan(plan, store, suite_dir, executor, quiet, artifacts=artifacts, announce=announce,
-                              registry=registry)
-            report = write_report(suite_dir, store, registry)
+                              registry=registry, claims=claims, ahead=world > 1)
+            # every process on this suite ends here once the grid is done: one at a time rewrites the report
+            report = claims.exclusively("report", lambda: write_report(suite_dir, store, registry))
     except BaseException as exc:
         if world > 1 and not announced:  # the other ranks wait for the trial list: tell them to stop
             broadcast_from_main({"error": f"{type(exc).__name__}: {exc}"})

@@ -12,6 +12,10 @@ nothing twice and loses nothing: for each (group, index) it looks in the store f
   values it was asked with);
 - missing: asked from Optuna (``search.ask``) with the group's earlier trials told to the study.
 
+Several processes on one suite cooperate through their claims: a group's next index is asked
+only once every earlier one is settled, so each process asks Optuna the same values (the
+same trial id, which one process claims); a trial another process holds is waited for.
+
 Selection reads validation only: per group, the done search trial with the best
 ``val_metrics[primary_metric]`` (a pruned one counts with its best value so far; ties go to
 the lower index). The final seeds are then planned at the selected values, carrying them in
@@ -108,10 +112,15 @@ class SearchRounds:
                                   f"give --search-trials {points} or more values")
         self.found: dict[tuple[GroupKey, int], TrialRecord] = {}
         self.reuse: dict[str, TrialRecord] = {}  # set by finals()
-        for record in (store.records(plan.name) if store is not None else []):
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Each (group, index)'s search trial as the store holds it now (other processes write there too)."""
+        for record in (self.store.records(self.plan.name) if self.store is not None else []):
             if record.spec.role == "search" and record.spec.search_index is not None:
                 key = (group_key(record.spec), record.spec.search_index)
-                if key not in self.found or _rank(record) > _rank(self.found[key]):
+                old = self.found.get(key)
+                if old is None or old.trial_id == record.trial_id or _rank(record) > _rank(old):
                     self.found[key] = record
 
     def _check_values(self, group: Group) -> None:
@@ -161,17 +170,28 @@ class SearchRounds:
             warmup_steps=self.config.warmup_steps, space=spec.search_space, number=len(past), past=past)
         return Job(spec, f"{self.root}/{spec.trial_id}", pruning)
 
-    def run(self, run_jobs: Callable[[list[Job]], None]) -> None:
-        """N rounds; each runs (through ``run_jobs``) one trial per group that still needs it."""
-        for index in range(self.config.trials):
-            jobs = [job for group in self.searched if (job := self.job(group, index)) is not None]
+    def run(self, run_jobs: Callable[[list[Job]], list[Job]], wait: Callable[[list[Job]], None], since: str) -> None:
+        """Rounds until each group's N search trials are settled (done, diverged, or failed at or after
+        ``since``, when this run began): a round runs, per group, its first index not settled yet, so
+        its study is told every earlier trial and any process on this suite asks Optuna the same
+        values. ``run_jobs`` runs a round and returns the jobs another live process holds; when that
+        is every job of a round, ``wait(held)`` sleeps before the store is looked at again."""
+        def settled(record: TrialRecord | None) -> bool:
+            return record is not None and (record.status in FINISHED or
+                                           (record.status == "failed" and (record.finished_at or "") >= since))
+
+        while True:
+            self.refresh()
+            jobs = []
+            for group in self.searched:
+                index = next((i for i in range(self.config.trials) if not settled(self.found.get((group.key, i)))), None)
+                if index is not None:
+                    jobs.append(self.job(group, index))
             if not jobs:
-                continue
-            run_jobs(jobs)
-            for job in jobs:
-                record = self.store.get(job.trial_id)
-                if record is not None:
-                    self.found[(group_key(job.spec), index)] = record
+                return
+            held = run_jobs(jobs)
+            if len(held) == len(jobs):
+                wait(held)
 
     # -- selection -----------------------------------------------------------------------------
     def best(self, group: Group) -> TrialRecord | None:

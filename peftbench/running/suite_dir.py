@@ -102,7 +102,7 @@ def open_suite_dir(plan, command: str, out: Path) -> Path:
     info.setdefault("runs", []).append({"command": command, "at": _now()})
     try:
         suite_dir.mkdir(parents=True, exist_ok=True)
-        tmp = info_path.with_suffix(".json.tmp")
+        tmp = info_path.with_suffix(f".json.{os.getpid()}.tmp")  # runs starting together never share one
         tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
         tmp.replace(info_path)
     except OSError as exc:
