@@ -363,19 +363,20 @@ class LoRA(peftbench.Method):
         return peft_lora(injection, injection.lora_layers)
 
 
-def peft_lora(injection, layers: list[LoRALinear]) -> peftbench.PeftAdapter | None:
+def peft_lora(injection, layers: list[LoRALinear], quantized_base: bool = False) -> peftbench.PeftAdapter | None:
     """LoRA wrappers in peft's format: one ``lora_A``/``lora_B`` per target module (its full path).
 
     A fused projection whose slices have their own LoRA (GPT-2's q|k|v) becomes one peft LoRA of rank
     n r: A stacks the n slices' A_i (already so stored), B is block-structured, slice i's rows (its
     output columns) holding B_i in columns i r:(i+1) r, zeros elsewhere; its alpha is n alpha so
-    peft's alpha / rank stays alpha / r. None when a base is 4-bit (peft's LoRA would sit on fp weights).
+    peft's alpha / rank stays alpha / r. None when a base is 4-bit (peft's LoRA would sit on fp weights)
+    unless ``quantized_base``: the caller exports the 4-bit base with it (QLoRA).
     """
     paths = {id(module): name for name, module in injection.backbone.model.named_modules()}
     cfg = injection.config
     tensors, targets, ranks, alphas, conv1d = {}, [], {}, {}, set()
     for layer in layers:
-        if peftbench.quant.is_4bit(layer.base_layer):
+        if peftbench.quant.is_4bit(layer.base_layer) and not quantized_base:
             return None
         path = paths[id(layer)]
         targets.append(path)

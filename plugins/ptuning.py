@@ -12,6 +12,10 @@ model like prompt tuning's (see ``peftbench_plugins.prompt``: left-pad decoders)
 ``finalize()`` evaluates the encoder once and keeps only its output P (n, d): the encoder
 and E are dropped, so what is saved (and counted by ``stored_count``) is n·d values, and
 loading a finalized checkpoint reproduces the outputs exactly.
+
+peft saves its own P-tuning (``P_TUNING``) the same way: ``prompt_embeddings`` is the
+encoder's output, which an inference-mode peft model uses as the prompt (it builds no
+encoder), prepended like prompt tuning's. ``peft_adapter`` writes exactly that.
 """
 
 from __future__ import annotations
@@ -123,6 +127,19 @@ class PTuning(peftbench.Method):
         injection.encoder = injection.attach(backbone.base_model, "prompt_encoder", encoder)
         attach_input_prompt(injection, encoder, cfg.n)
         return injection
+
+    def peft_adapter(self, injection):
+        # peft's P_TUNING checkpoint: the encoder's output P (n, d) as ``prompt_embeddings`` (what peft itself
+        # saves), with the encoder's shape for the record; our encoder is peft's PromptEncoder layer for layer
+        # (2-layer bidirectional LSTM, no dropout)
+        cfg, spec = injection.config, injection.backbone.spec
+        with torch.no_grad():
+            prompt = injection.encoder().detach().clone()  # (n, d): the kept P once finalized
+        config = {"peft_type": "P_TUNING", "num_virtual_tokens": cfg.n, "token_dim": spec.hidden,
+                  "num_transformer_submodules": 1, "num_attention_heads": spec.heads, "num_layers": spec.layers,
+                  "encoder_reparameterization_type": cfg.encoder.upper(), "encoder_hidden_size": self.width(cfg, spec),
+                  "encoder_num_layers": 2, "encoder_dropout": 0.0}
+        return peftbench.PeftAdapter(config, {"prompt_embeddings": prompt}, head_prefix="base_model.")
 
 
 @peftbench.hookimpl

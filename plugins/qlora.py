@@ -6,6 +6,10 @@ target's ``base_layer`` is the 4-bit layer. Embeddings, norms and the task head 
 they are. The trainable parameters are exactly LoRA's. While injected, the replaced
 full-precision layers are kept (moved to CPU when the model sits on an accelerator, so
 the accelerator holds only the 4-bit copies) and ``remove()`` puts them back bit for bit.
+
+``export --format peft`` writes peft's LoRA beside a 4-bit base: the NF4 layers saved as they
+are, with the ``quantization_config`` (``quantization_config()``) under which transformers
+loads them, so peft's LoRA runs on the same 4-bit weights.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import peftbench
 import torch
 from pydantic import Field
 
-from peftbench_plugins.lora import LoRA, LoRAInjection, add_lora, target_names
+from peftbench_plugins.lora import LoRA, LoRAInjection, add_lora, peft_lora, target_names
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -67,7 +71,12 @@ class QLoRA(LoRA):
     mergeable = False  # merged into 4-bit weights it is requantised: not the trained function, not a plain checkpoint
 
     def peft_adapter(self, injection):
-        return None  # its base is 4-bit here; peft's LoRA on the fp32 base would compute something else
+        # peft's LoRA on the same 4-bit base: the exporter saves the NF4 layers as they are (bitsandbytes'
+        # serialization) under this quantization_config, so transformers loads them without requantising
+        adapter = peft_lora(injection, injection.lora_layers, quantized_base=True)
+        if adapter is None:
+            return None
+        return adapter._replace(base_quantization=quantization_config(injection))
 
     def check(self, cfg, spec):
         peftbench.quant.require_bitsandbytes(self.name)
@@ -90,6 +99,24 @@ class QLoRA(LoRA):
         add_lora(injection, target_names(self.name, cfg.targets, backbone.spec), cfg.r, cfg.alpha, cfg.dropout,
                  dtype=dtype)
         return injection
+
+
+def quantization_config(injection: QLoRAInjection) -> dict:
+    """transformers' ``BitsAndBytesConfig`` (as a dict) of the injection's 4-bit layers. Every other linear
+    layer of the model (task head, pooler, LM head) is in ``llm_int8_skip_modules``: it stays as it is."""
+    import transformers
+
+    layers = injection.quantized_layers
+    weight = layers[0].weight
+    four_bit = {id(layer) for layer in layers}
+    lora = {id(m) for layer in injection.lora_layers for m in (layer.lora_A, layer.lora_B)}
+    skip = sorted(name.replace(".base_layer", "") for name, m in injection.backbone.model.named_modules()
+                  if (isinstance(m, torch.nn.Linear) or peftbench.is_conv1d(m)) and id(m) not in four_bit | lora)
+    config = transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=weight.quant_type, bnb_4bit_use_double_quant=weight.compress_statistics,
+        bnb_4bit_compute_dtype=layers[0].compute_dtype, bnb_4bit_quant_storage=weight.quant_storage,
+        llm_int8_skip_modules=skip)
+    return config.to_dict()
 
 
 def _linear_sites(backbone) -> list[peftbench.Site]:

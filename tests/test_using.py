@@ -373,6 +373,190 @@ def test_prompt_tuning_exports_to_peft(tmp_path, arch, kind):
         export(model, tmp_path / "merged", "merged")
 
 
+def _model_of(folder: Path, method: str, config: dict, kind: str = "classification"):
+    """A ``Model`` of ``method`` injected (not trained) on the saved backbone ``folder``."""
+    from peftbench.using.load import build_backbone
+    from peftbench.using.model import Model
+
+    labels = ("a", "b") if kind == "classification" else ()
+    backbone = build_backbone(str(folder), kind, len(labels), REGISTRY, torch.device("cpu"))
+    injection = peftbench.apply(REGISTRY.method(method), backbone, config)
+    return Model(backbone.model, backbone.tokenizer, labels, kind=kind, max_length=40, backbone=backbone,
+                 injection=injection, meta={"method": method, "config": injection.config.model_dump()})
+
+
+PEFT_LOGITS = """
+import json, torch
+from peft import AutoPeftModelForSequenceClassification
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+DIR = {dir!r}
+model = AutoPeftModelForSequenceClassification.from_pretrained(DIR).eval()
+base = AutoModelForSequenceClassification.from_pretrained(DIR + "/base").eval()  # the base alone, with the head
+{setup}
+tok = AutoTokenizer.from_pretrained(DIR)
+enc = tok({texts!r}, padding=True, truncation=True, max_length=40, return_tensors="pt")
+with torch.no_grad():
+    logits, base_logits = model(**enc).logits, base(**enc).logits
+print(json.dumps({{"logits": logits.tolist(), "base": base_logits.tolist(),
+                  "layers": [type(m).__name__ for m in model.modules()]}}))
+"""
+
+
+@pytest.mark.parametrize("arch,kind,encoder", [("bert", "classification", "mlp"), ("gpt2", "classification", "lstm"),
+                                               ("llama", "generation", "mlp")])
+def test_ptuning_exports_as_peft_p_tuning_with_its_encoder_output(tmp_path, arch, kind, encoder):
+    """P-tuning's trained function is its encoder's output P prepended like prompt tuning's; peft saves its
+    own P_TUNING the same way (``prompt_embeddings`` = the encoder's output, used as is in inference)."""
+    model = _model_of(make_tiny_model(tmp_path / arch, arch), "ptuning", {"n": 3, "encoder": encoder, "hidden": 16},
+                      kind)
+    big_deltas(model, seed=6)
+    before = model.logits(TEXTS) if kind == "classification" else None
+    meta = export(model, tmp_path / "trained", "peft", tolerance=1e-5)  # the encoder still there
+    assert meta["max_abs_logit_diff"] <= 1e-5
+    model.injection.finalize()  # as a trial saves it: P kept, the encoder dropped
+    assert export(model, tmp_path / "peft", "peft", tolerance=1e-5)["max_abs_logit_diff"] <= 1e-5
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert (config["peft_type"], config["num_virtual_tokens"], config["encoder_reparameterization_type"],
+            config["encoder_hidden_size"], config["inference_mode"]) == ("P_TUNING", 3, encoder.upper(), 16, True)
+    saved = {folder: load_file(str(tmp_path / folder / "adapter_model.safetensors"))["prompt_embeddings"]
+             for folder in ("trained", "peft")}
+    assert torch.equal(saved["peft"], model.injection.encoder.prompt.detach())
+    assert torch.equal(saved["trained"], saved["peft"])
+    if arch != "bert":  # loaded back by peft from disk above; one fresh interpreter shows it needs no peftbench
+        return
+    assert (model.logits(TEXTS) - before).abs().max() <= 1e-5
+    got = fresh_python(PEFT_LOGITS.format(dir=str(tmp_path / "peft"), setup="", texts=TEXTS))
+    assert (torch.tensor(got["logits"]) - before).abs().max() <= 1e-5
+    assert (torch.tensor(got["base"]) - before).abs().max() > 1e-3  # the prompt is what changes the logits
+
+
+@pytest.mark.parametrize("encoder", ["mlp", "lstm"])
+def test_ptuning_encoder_is_peft_prompt_encoder_layer_for_layer(encoder):
+    """The README's claim: with our weights, peft's own PromptEncoder computes our P exactly."""
+    import peft
+    from peft.tuners.p_tuning import PromptEncoder as PeftPromptEncoder
+
+    from peftbench_plugins.ptuning import PromptEncoder
+
+    torch.manual_seed(0)
+    ours = PromptEncoder(n=5, d=24, hidden=16, encoder=encoder)
+    config = peft.PromptEncoderConfig(task_type="SEQ_CLS", num_virtual_tokens=5, token_dim=24,
+                                      num_transformer_submodules=1, num_attention_heads=4, num_layers=2,
+                                      encoder_hidden_size=16, encoder_reparameterization_type=encoder.upper())
+    theirs = PeftPromptEncoder(config)
+    state = {name.replace("lstm.", "lstm_head.").replace("mlp.", "mlp_head."): tensor
+             for name, tensor in ours.state_dict().items()}  # embedding, lstm.*, mlp.* -> peft's names
+    state["embedding.weight"] = state.pop("embedding")
+    theirs.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        assert torch.equal(theirs(torch.arange(5).unsqueeze(0))[0], ours())
+
+
+def _wide_bert(folder: Path) -> Path:
+    """A 2-layer random BERT 64 wide (FFN 128): every weight row a whole number of 64-value NF4 blocks."""
+    from transformers import AutoModel, BertConfig
+
+    from run_helpers import byte_tokenizer
+
+    tokenizer = byte_tokenizer()
+    config = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                        max_position_embeddings=64, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    AutoModel.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_qlora_exports_to_peft_on_its_own_4bit_base(tmp_path):
+    """The base is saved as QLoRA ran it: the same NF4 codes, with the quantization_config under which
+    transformers loads them. peft's LoRA on it gives peftbench's logits exactly (with bitsandbytes'
+    standard CPU path; its AVX512-BF16 inference kernel, where the CPU has one, is measured apart)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    model = _model_of(_wide_bert(tmp_path / "bert64"), "qlora", {"r": 2})
+    big_deltas(model, seed=7, scale=0.1)
+    with torch.no_grad():
+        for p in model.backbone.head_parameters().values():
+            p.normal_(0, 0.5)
+    meta = export(model, tmp_path / "peft", "peft", tolerance=1e-5)
+    assert meta["max_abs_logit_diff"] <= 1e-5
+    assert ("max_abs_logit_diff_bnb_cpu_kernel" in meta) == bool(bnb.functional.has_avx512bf16())
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert (config["peft_type"], sorted(config["target_modules"]), config["fan_in_fan_out"]) == (
+        "LORA", [f"bert.encoder.layer.{i}.attention.self.{p}" for i in range(2) for p in ("query", "value")], False)
+    quant = json.loads((tmp_path / "peft" / "base" / "config.json").read_text())["quantization_config"]
+    assert (quant["quant_method"], quant["load_in_4bit"], quant["bnb_4bit_quant_type"],
+            quant["bnb_4bit_use_double_quant"], quant["bnb_4bit_compute_dtype"]) == (
+        "bitsandbytes", True, "nf4", True, "float32")
+    assert quant["llm_int8_skip_modules"] == ["bert.pooler.dense", "classifier"]  # not quantised by QLoRA
+    base = load_file(str(tmp_path / "peft" / "base" / "model.safetensors"))
+    query = model.backbone.model.bert.encoder.layer[0].attention.self.query.base_layer
+    assert base["bert.encoder.layer.0.attention.self.query.weight"].dtype == torch.uint8
+    assert torch.equal(base["bert.encoder.layer.0.attention.self.query.weight"], query.weight.data)  # the same codes
+    ours = model.logits(TEXTS)
+    standard_path = ("for m in [*model.modules(), *base.modules()]:  # not bitsandbytes' AVX512-BF16 kernel\n"
+                     "    if hasattr(m, 'support_avx512bf16_for_cpu'):\n        m.support_avx512bf16_for_cpu = False")
+    got = fresh_python(PEFT_LOGITS.format(dir=str(tmp_path / "peft"), setup=standard_path, texts=TEXTS))
+    assert (torch.tensor(got["logits"]) - ours).abs().max() <= 1e-5
+    assert got["layers"].count("Linear4bit") >= 12  # peft's LoRA sits on 4-bit layers
+    assert (torch.tensor(got["base"]) - ours).abs().max() > 1e-3  # the LoRA weights and head were applied
+    assert (peftbench.load(tmp_path / "peft").logits(TEXTS) - ours).abs().max() <= 1e-5
+
+
+def test_qlora_export_refuses_layers_that_bitsandbytes_decodes_wrongly_on_cpu(tmp_path):
+    """A 32-wide base: rows of half an NF4 block, which bitsandbytes 0.50.2's AVX512 CPU kernel decodes
+    wrongly; peftbench decodes those in torch, a plain load cannot, so the export is refused where it
+    differs (and kept where bitsandbytes decodes them right)."""
+    pytest.importorskip("bitsandbytes")
+    model = _model_of(make_tiny_model(tmp_path / "bert", "bert"), "qlora", {"r": 2})
+    big_deltas(model, seed=8, scale=0.1)
+    if any(getattr(m, "decodes_in_torch", False) for m in model.model.modules()):
+        with pytest.raises(ConfigError, match="rows of partial quantisation blocks, which bitsandbytes' CPU kernel"):
+            export(model, tmp_path / "peft", "peft", tolerance=1e-5)
+        assert not (tmp_path / "peft").exists()
+    else:
+        assert export(model, tmp_path / "peft", "peft", tolerance=1e-5)["max_abs_logit_diff"] <= 1e-5
+
+
+@pytest.mark.parametrize("method", ["prefix", "ptuning_v2"])
+def test_prefix_methods_have_no_peft_export(tmp_path, method):
+    model = _model_of(make_tiny_model(tmp_path / "bert", "bert"), method, {"n": 3})
+    with pytest.raises(ConfigError, match=f"method {method!r} has no peft equivalent"):
+        export(model, tmp_path / "peft", "peft")
+
+
+def test_peft_prefix_tuning_is_another_function(tmp_path):
+    """Why prefix tuning and P-tuning v2 do not export (README): peft 0.21 refuses a transformers 5
+    sequence classifier, and where it runs (a causal LM) its prefix sits in the cache, so the real tokens'
+    positions start at n: ours given those shifted positions is what peft computes, ours is not."""
+    import peft
+    import transformers
+
+    folder = make_tiny_model(tmp_path / "bert", "bert")
+    classifier = peft.get_peft_model(transformers.AutoModelForSequenceClassification.from_pretrained(folder),
+                                     peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3))
+    enc = transformers.AutoTokenizer.from_pretrained(folder)(TEXTS, padding=True, return_tensors="pt")
+    with pytest.raises(ValueError, match="Model does not support past key values"):
+        classifier(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+    model = _model_of(make_tiny_model(tmp_path / "gpt2", "gpt2"), "ptuning_v2", {"n": 3}, "generation")
+    big_deltas(model, seed=9)
+    table = model.injection.table.prefix.detach()  # (L, 2, kv_heads, n, head_dim)
+    theirs = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2"),
+                                 peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3,
+                                                         inference_mode=True)).eval()
+    embedding = theirs.prompt_encoder["default"].embedding.weight
+    enc = model.tokenizer(TEXTS, padding=True, return_tensors="pt")
+    enc = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    real = enc["attention_mask"].bool()
+    positions = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        embedding.copy_(table.permute(3, 0, 1, 2, 4).reshape(embedding.shape))  # (n, L·2·kv_dim)
+        got = theirs(**enc).logits[real]
+        ours = model.model(**enc).logits[real]
+        shifted = model.model(**enc, position_ids=positions + 3).logits[real]
+    assert (got - shifted).abs().max() <= 1e-5
+    assert (got - ours).abs().max() > 1e-2
+
+
 # -- named adapters on one backbone ------------------------------------------------------------
 def test_named_adapters_add_switch_save_remove(suite, tmp_path):
     from peftbench.backbones.fingerprint import fingerprint

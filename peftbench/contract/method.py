@@ -42,11 +42,18 @@ class PeftAdapter(NamedTuple):
     ``tensors`` its weights under the names peft saves them by (``base_model.model.<module path>.lora_A.weight``
     for a tuner, ``prompt_embeddings`` for prompt learning); ``head_prefix`` is what peft puts before
     the task head's parameter names. The exporter adds the task type, the head (``modules_to_save``)
-    and the base model."""
+    and the base model.
+
+    ``base_quantization``: for a method that runs the base quantised (QLoRA's 4-bit layers), the
+    transformers ``quantization_config`` (a dict, as in ``config.json``) that loads those layers. The
+    exporter then saves the base as the injected model holds it, its quantised layers in their library's
+    own serialization, under that config, so transformers loads the very weights the method ran on
+    instead of quantising the full-precision ones again."""
 
     config: dict[str, Any]
     tensors: dict[str, Any]
     head_prefix: str = "base_model.model."
+    base_quantization: dict[str, Any] | None = None
 
 
 class Method:

@@ -146,8 +146,10 @@ def cmd_export(args) -> int:
     if args.json:
         print(json.dumps(meta, indent=2))
     else:
+        kernel = meta.get("max_abs_logit_diff_bnb_cpu_kernel")
         print(f"{meta.get('method')} ({args.format}) -> {args.out}: max |logit diff| against peftbench "
-              f"{meta['max_abs_logit_diff']:.2e}")
+              f"{meta['max_abs_logit_diff']:.2e}" + ("" if kernel is None else
+              f" ({kernel:.2e} where bitsandbytes uses its bfloat16 CPU kernel, as on this CPU by default)"))
     return 0
 
 
@@ -189,7 +191,8 @@ def add_commands(sub) -> None:
     p = sub.add_parser("export", help="export a trained adapter as a plain merged checkpoint or a peft adapter")
     _add_selectors(p)
     p.add_argument("--format", required=True, choices=EXPORT_FORMATS,
-                   help="merged: a plain transformers folder (mergeable methods); peft: a peft adapter + its base")
+                   help="merged: a plain transformers folder (mergeable methods); peft: a peft adapter + its base "
+                        "(methods with a peft equivalent; a 4-bit base is saved in 4 bits)")
     p.add_argument("--out", required=True, metavar="DIR", help="a new (or empty) folder")
     p.add_argument("--tolerance", type=float, default=1e-4,
                    help="largest |logit difference| against peftbench accepted when checking the export (default: 1e-4)")

@@ -7,10 +7,15 @@
 - ``peft``: ``adapter_config.json`` + ``adapter_model.safetensors`` under peft's names (the method's
   ``Method.peft_adapter``), the task head in ``modules_to_save``, the base model in ``DIR/base``
   (``base_model_name_or_path`` is its absolute path, so it loads offline), the tokenizer beside it:
-  ``peft.AutoPeftModelForSequenceClassification.from_pretrained(DIR)`` loads it.
+  ``peft.AutoPeftModelForSequenceClassification.from_pretrained(DIR)`` loads it. A method that runs
+  the base in 4 bits (``PeftAdapter.base_quantization``) gets that 4-bit base, saved as it ran, with
+  its ``quantization_config``.
 
 Both are written to a temporary folder, loaded back from disk by transformers (or peft) and compared
-with peftbench's outputs on a few texts; only a folder within ``tolerance`` becomes ``DIR``.
+with peftbench's outputs on a few texts; only a folder within ``tolerance`` becomes ``DIR``. A 4-bit
+base is compared as peftbench runs its own 4-bit layers (``peftbench.quant.keep_one_format``); on a
+CPU where bitsandbytes would switch to its bfloat16 inference kernel, that kernel's difference is
+measured too and recorded (``max_abs_logit_diff_bnb_cpu_kernel``).
 ``peftbench.json`` beside them records what it is (method, config, backbone and its weights' hash,
 labels, format versions): ``peftbench.load(DIR)`` reads it.
 """
@@ -25,10 +30,11 @@ from pathlib import Path
 
 import torch
 
+from peftbench.backbones.quant import keep_one_format
 from peftbench.errors import ConfigError
 from peftbench.using.load import EXPORT_FORMAT_VERSION, EXPORT_FORMATS
 from peftbench.using.locate import EXPORT_META
-from peftbench.using.merge import auto_class, merged_model, plain_model
+from peftbench.using.merge import auto_class, merged_model, plain_model, save_quantized_base
 from peftbench.using.model import Model
 
 #: texts the exported model is checked on (any text works: the check compares two computations)
@@ -86,8 +92,10 @@ def _write_peft(model: Model, folder: Path) -> None:
     if adapter is None:
         raise ConfigError(f"method {method.name!r} has no peft equivalent (its peft_adapter gives none): "
                           f"export it with --format merged if it merges, else use peftbench.load")
-    plain = plain_model(model)  # the unmerged base, with the trained head
-    plain.save_pretrained(folder / BASE)
+    if adapter.base_quantization is None:
+        plain_model(model).save_pretrained(folder / BASE)  # the unmerged base, with the trained head
+    else:
+        save_quantized_base(model, adapter.base_quantization, folder / BASE)
     save_tokenizer(model.tokenizer, folder / BASE)
     save_tokenizer(model.tokenizer, folder)
     head = {name: p.detach().cpu().contiguous() for name, p in model.backbone.head_parameters().items()}
@@ -113,6 +121,15 @@ def _load_back(folder: Path, fmt: str, kind: str) -> torch.nn.Module:
     with warnings.catch_warnings():  # peft 0.21 calls a transformers API that warns of its own deprecation
         warnings.simplefilter("ignore", FutureWarning)
         return auto.from_pretrained(folder)
+
+
+def bnb_cpu_kernel_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """bitsandbytes 4-bit layers of ``model`` that, on this CPU, would repack themselves on their first
+    evaluation for bitsandbytes' AVX512-BF16 kernel (bfloat16 block statistics); peftbench's own 4-bit
+    layers never do (``keep_one_format``)."""
+    if next(model.parameters()).device.type != "cpu":
+        return []
+    return [m for m in model.modules() if getattr(m, "support_avx512bf16_for_cpu", False)]
 
 
 def _retarget(folder: Path) -> None:
@@ -148,25 +165,40 @@ def export(model: Model, out: str | Path, fmt: str = "merged", *, tolerance: flo
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         (_write_merged if fmt == "merged" else _write_peft)(model, tmp)
+
+        def logits(loaded):
+            got = outputs(loaded, model.tokenizer, texts, model.max_length)
+            if model.kind == "generation" and got.shape[1] > reference.shape[1]:
+                got = got[:, -reference.shape[1]:]  # peft's prompt learning returns the virtual tokens' logits too
+            return got
+
         try:
             loaded = _load_back(tmp, fmt, model.kind)
-            got = outputs(loaded, model.tokenizer, texts, model.max_length)
+            kernel_layers = bnb_cpu_kernel_layers(loaded)
+            for layer in kernel_layers:  # first as peftbench runs 4-bit layers
+                keep_one_format(layer)
+            got = logits(loaded)
         except (ValueError, RuntimeError, KeyError, TypeError) as exc:
             if isinstance(exc, ConfigError):
                 raise
             library = "peft" if fmt == "peft" else "transformers"
             raise ConfigError(f"{library} cannot load or run the {fmt} export ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else ''}); nothing was written to {out}") from None
-        if model.kind == "generation" and got.shape[1] > reference.shape[1]:
-            got = got[:, -reference.shape[1]:]  # peft's prompt learning returns the virtual tokens' logits too
         if got.shape != reference.shape:
             raise ConfigError(f"the {fmt} export returns logits of shape {tuple(got.shape)}, peftbench "
                               f"{tuple(reference.shape)}; nothing was written to {out}")
         diff = float((got - reference).abs().max())
         if not diff <= tolerance:
+            why = ("; some 4-bit layers have rows of partial quantisation blocks, which bitsandbytes' CPU kernel "
+                   "decodes wrongly (peftbench decodes them in torch)"
+                   if any(getattr(m, "decodes_in_torch", False) for m in model.model.modules()) else "")
             raise ConfigError(f"the {fmt} export computes other logits than peftbench (max |diff| {diff:.3g} > "
-                              f"{tolerance:g}); nothing was written to {out}")
+                              f"{tolerance:g}){why}; nothing was written to {out}")
         meta = _meta(model, fmt, diff)
+        if kernel_layers:  # then as a plain load runs them on this CPU: bitsandbytes' bfloat16 kernel
+            for layer in kernel_layers:
+                layer.support_avx512bf16_for_cpu = True
+            meta["max_abs_logit_diff_bnb_cpu_kernel"] = float((logits(loaded) - reference).abs().max())
         (tmp / EXPORT_META).write_text(json.dumps(meta, indent=2) + "\n")
         if out.exists():
             out.rmdir()

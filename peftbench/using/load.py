@@ -79,6 +79,7 @@ def load_export(folder: Path, device: torch.device) -> Model:
     import transformers
 
     from peftbench.backbones.backbone import quiet_transformers
+    from peftbench.backbones.quant import keep_one_format
 
     meta = read_json(folder / EXPORT_META, "peftbench export metadata")
     version, fmt = meta.get("export_format_version"), meta.get("export_format")
@@ -101,6 +102,8 @@ def load_export(folder: Path, device: torch.device) -> Model:
         with warnings.catch_warnings():  # peft 0.21 calls a transformers API that warns of its own deprecation
             warnings.simplefilter("ignore", FutureWarning)
             model = peft.PeftModel.from_pretrained(auto.from_pretrained(folder / "base"), folder)
+    for module in model.modules():  # a 4-bit base computes as peftbench's 4-bit layers do, on any CPU
+        keep_one_format(module)
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     model.to(device).eval()
     return Model(model, tokenizer, tuple(meta.get("labels", ())), kind=kind, max_length=int(meta.get("max_length", 128)),
