@@ -259,6 +259,41 @@ def test_merged_export_loads_in_plain_transformers_with_equal_logits(suite, tmp_
     assert torch.equal(model.logits(TEXTS), before) and plain.config.id2label == {0: "neg", 1: "pos"}
 
 
+def test_safetensors_export_is_the_adapter_alone_and_loads_onto_its_base(suite, tmp_path, capsys):
+    """--format safetensors: method weights + head + metadata, no base; peftbench.load rebuilds it."""
+    for method in ("lora", "houlsby"):
+        model = peftbench.load(suite["dir"], method=method)
+        big_deltas(model)
+        meta = export(model, tmp_path / method, "safetensors")
+        assert meta["max_abs_logit_diff"] <= 1e-6 and meta["export_format"] == "safetensors"
+        files = {p.name for p in (tmp_path / method).iterdir()}
+        assert files == {"adapter_config.json", "adapter_model.safetensors"}  # no base, no peftbench.json
+        saved = load_file(str(tmp_path / method / "adapter_model.safetensors"))
+        assert any(k.startswith("head.") for k in saved) and sum(v.numel() for v in saved.values()) < 20_000
+        again = peftbench.load(tmp_path / method)
+        assert again.labels == ("neg", "pos") and again.method == method
+        assert (again.logits(TEXTS) - model.logits(TEXTS)).abs().max() <= 1e-6
+    assert main(["export", str(suite["dir"]), "--method", "lora", "--format", "safetensors", "--out",
+                 str(tmp_path / "cli")]) == 0
+    assert "lora (safetensors) ->" in capsys.readouterr().out
+
+
+def test_deactivate_takes_the_adapter_off_and_set_adapter_puts_it_back(suite):
+    model = peftbench.load(suite["dir"], method="lora")
+    big_deltas(model)
+    before = model.logits(TEXTS)
+    from peftbench.backbones.fingerprint import fingerprint
+
+    model.deactivate_adapter()
+    assert model.active_adapter is None and model.injection is None
+    assert not any("lora" in n for n, _ in model.backbone.model.named_parameters())
+    assert fingerprint(model.backbone) == model.adapters["default"].meta["backbone_sha256"]  # the base, bit for bit
+    with pytest.raises(ConfigError, match="needs an active adapter"):
+        model.logits(TEXTS)
+    model.set_adapter("default")  # what it held (big deltas included) comes back
+    assert torch.equal(model.logits(TEXTS), before)
+
+
 def test_peft_export_loads_with_auto_peft_model_with_equal_logits(suite, tmp_path):
     model = peftbench.load(suite["dir"], method="lora")
     big_deltas(model, seed=1)

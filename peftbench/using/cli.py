@@ -172,7 +172,7 @@ def _intermixed(parser) -> None:
 
 def add_commands(sub) -> None:
     """Register ``predict`` and ``export`` on the ``peftbench`` command's subparsers."""
-    from peftbench.using.load import EXPORT_FORMATS
+    from peftbench.using.load import EXPORT_CHOICES
 
     p = sub.add_parser("predict", help="label texts (or continue prompts) with a trained adapter")
     _add_selectors(p)
@@ -190,9 +190,10 @@ def add_commands(sub) -> None:
 
     p = sub.add_parser("export", help="export a trained adapter as a plain merged checkpoint or a peft adapter")
     _add_selectors(p)
-    p.add_argument("--format", required=True, choices=EXPORT_FORMATS,
+    p.add_argument("--format", required=True, choices=EXPORT_CHOICES,
                    help="merged: a plain transformers folder (mergeable methods); peft: a peft adapter + its base "
-                        "(methods with a peft equivalent; a 4-bit base is saved in 4 bits)")
+                        "(methods with a peft equivalent; a 4-bit base is saved in 4 bits); safetensors: the "
+                        "adapter alone (weights + head + metadata, no base), which peftbench.load puts on its base")
     p.add_argument("--out", required=True, metavar="DIR", help="a new (or empty) folder")
     p.add_argument("--tolerance", type=float, default=1e-4,
                    help="largest |logit difference| against peftbench accepted when checking the export (default: 1e-4)")

@@ -4,6 +4,9 @@
   that ``AutoModelForSequenceClassification.from_pretrained(DIR)`` (``AutoModelForCausalLM`` for a
   generative trial) loads without peftbench; for methods whose ``merge()`` folds everything into the
   base weights (``Method.mergeable``).
+- ``safetensors``: the adapter alone, as a trial keeps it (``adapter_config.json`` with its metadata:
+  method, config, labels, the base's name and weights hash; ``adapter_model.safetensors``: the method's
+  weights and the task head), without the base: ``peftbench.load(DIR)`` puts it on that base anywhere.
 - ``peft``: ``adapter_config.json`` + ``adapter_model.safetensors`` under peft's names (the method's
   ``Method.peft_adapter``), the task head in ``modules_to_save``, the base model in ``DIR/base``
   (``base_model_name_or_path`` is its absolute path, so it loads offline), the tokenizer beside it:
@@ -32,7 +35,7 @@ import torch
 
 from peftbench.backbones.quant import keep_one_format
 from peftbench.errors import ConfigError
-from peftbench.using.load import EXPORT_FORMAT_VERSION, EXPORT_FORMATS
+from peftbench.using.load import ADAPTER_ONLY, EXPORT_CHOICES, EXPORT_FORMAT_VERSION
 from peftbench.using.locate import EXPORT_META
 from peftbench.using.merge import auto_class, merged_model, plain_model, save_quantized_base
 from peftbench.using.model import Model
@@ -41,6 +44,7 @@ from peftbench.using.model import Model
 CHECK_TEXTS = ("a quietly moving film with a superb cast", "dull, loud and far too long",
                "What is the tallest mountain in Africa?", "WIN a free prize now, reply YES to claim")
 BASE = "base"
+
 PEFT_TASK_TYPES = {"classification": "SEQ_CLS", "generation": "CAUSAL_LM"}
 
 
@@ -109,7 +113,18 @@ def _write_peft(model: Model, folder: Path) -> None:
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
+def _write_adapter(model: Model, folder: Path) -> None:
+    from peftbench.using.named import Stored, current_state, save
+
+    save(Stored(dict(model.meta), current_state(model), model.labels, model.kind, model.max_length, model.source),
+         folder)
+
+
 def _load_back(folder: Path, fmt: str, kind: str) -> torch.nn.Module:
+    if fmt == ADAPTER_ONLY:  # read back as a user would, onto a freshly loaded base
+        from peftbench.using.load import load
+
+        return load(folder).model
     if fmt == "merged":
         return auto_class(kind).from_pretrained(folder)
     try:
@@ -146,8 +161,8 @@ def export(model: Model, out: str | Path, fmt: str = "merged", *, tolerance: flo
     (``max_abs_logit_diff``: exported against peftbench on ``texts``, at most ``tolerance``)."""
     from peftbench.backbones.backbone import quiet_transformers
 
-    if fmt not in EXPORT_FORMATS:
-        raise ConfigError(f"export format {fmt!r} is unknown; allowed: {', '.join(EXPORT_FORMATS)}")
+    if fmt not in EXPORT_CHOICES:
+        raise ConfigError(f"export format {fmt!r} is unknown; allowed: {', '.join(EXPORT_CHOICES)}")
     if model.injection is None:
         raise ConfigError(f"export takes a model loaded from a trial; {model.source} is already an export")
     method = model.injection.method
@@ -164,7 +179,7 @@ def export(model: Model, out: str | Path, fmt: str = "merged", *, tolerance: flo
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        (_write_merged if fmt == "merged" else _write_peft)(model, tmp)
+        {"merged": _write_merged, "peft": _write_peft, ADAPTER_ONLY: _write_adapter}[fmt](model, tmp)
 
         def logits(loaded):
             got = outputs(loaded, model.tokenizer, texts, model.max_length)
@@ -199,7 +214,8 @@ def export(model: Model, out: str | Path, fmt: str = "merged", *, tolerance: flo
             for layer in kernel_layers:
                 layer.support_avx512bf16_for_cpu = True
             meta["max_abs_logit_diff_bnb_cpu_kernel"] = float((logits(loaded) - reference).abs().max())
-        (tmp / EXPORT_META).write_text(json.dumps(meta, indent=2) + "\n")
+        if fmt != ADAPTER_ONLY:  # the adapter alone is an adapter folder (its config says what it is)
+            (tmp / EXPORT_META).write_text(json.dumps(meta, indent=2) + "\n")
         if out.exists():
             out.rmdir()
         tmp.rename(out)

@@ -22,6 +22,9 @@ from peftbench.using.model import Model
 #: what ``export`` writes (``peftbench.json``): its own version, independent of the adapter's
 EXPORT_FORMAT_VERSION = 1
 EXPORT_FORMATS = ("merged", "peft")
+#: ``export --format safetensors``: the adapter alone (no base), an adapter folder ``load`` reads
+ADAPTER_ONLY = "safetensors"
+EXPORT_CHOICES = (*EXPORT_FORMATS, ADAPTER_ONLY)
 
 
 def build_backbone(name: str, kind: str, num_labels: int, registry, device: torch.device):

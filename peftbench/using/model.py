@@ -188,6 +188,18 @@ class Model:
         activate(self, stored)
         self.active_adapter = name
 
+    def deactivate_adapter(self) -> None:
+        """Take the active adapter off (the base restored bit for bit); it stays added, with what it holds
+        now, and ``set_adapter`` puts it back. Nothing is active until then (predict refuses)."""
+        from peftbench.using.named import current_state
+
+        self._need_backbone("deactivate_adapter")
+        if self.active_adapter is None:
+            return
+        self.adapters[self.active_adapter].state = current_state(self)
+        self.injection.remove()
+        self.injection, self.active_adapter = None, None
+
     def remove_adapter(self, name: str) -> None:
         """Forget ``name``; if it is active, its injection comes off and no adapter is active."""
         from peftbench.using.named import lookup
