@@ -82,7 +82,11 @@ from peftbench.running.claims import Claims
 from test_store import RESULT, trial
 with Store({db!r}) as store, Claims(store) as claims:
     print(claims.claim(trial(0)), flush=True)
-    sys.stdin.readline()  # the parent says when to finish
+    if sys.stdin.readline().strip() == "silence":  # alive but silent, as a frozen process (not SIGSTOP: a stop
+        claims._stop.set()                          # inside a heartbeat's write would hold the store's lock)
+        claims._thread.join()
+        print("silent", flush=True)
+        sys.stdin.readline()  # the parent says when to finish
     try:
         store.finish(trial(0).trial_id, RESULT, owner=claims.owner)
         print("finished", flush=True)
@@ -111,12 +115,13 @@ def test_a_live_claim_is_left_alone_a_silent_one_is_taken_over_and_its_holder_ca
             assert store.get(trial(0).trial_id).attempts == 1
             with pytest.raises(ClaimLost, match="taken over"):  # only the holder records a result
                 store.finish(trial(0).trial_id, RESULT, owner=claims.owner)
-            os.kill(child.pid, signal.SIGSTOP)  # alive, but silent: its heartbeat stops
+            child.stdin.write("silence\n")  # alive, but silent: its heartbeat stops
+            child.stdin.flush()
+            assert child.stdout.readline().strip() == "silent"
             time.sleep(3)
             assert claims.claim(trial(0)) == "claimed"
             row = store.get(trial(0).trial_id)
             assert row.status == "running" and row.attempts == 2
-            os.kill(child.pid, signal.SIGCONT)
             child.stdin.write("\n")
             child.stdin.flush()
             assert child.stdout.readline().startswith("lost: trial")  # its late result is not kept
