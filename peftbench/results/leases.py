@@ -8,6 +8,7 @@ heartbeat_at)``: a key held by a dead process is taken over.
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from datetime import datetime, timezone
 from typing import Callable
@@ -57,3 +58,18 @@ class Leases:
         with self._write() as db:
             db.execute(f"DELETE FROM {CLAIMS} WHERE owner = ?" + (" AND key = ?" if key else ""),
                        (owner, key) if key else (owner,))
+
+
+def retry_locked(step, wait_s: float = 60.0):
+    """``step()``, again while SQLite says the database is locked or busy: switching the journal mode needs
+    the file to itself and SQLite does not wait for that (two processes opening a new store at once)."""
+    deadline = time.monotonic() + wait_s
+    delay = 0.02
+    while True:
+        try:
+            return step()
+        except sqlite3.OperationalError as exc:
+            if not any(w in str(exc).lower() for w in ("locked", "busy")) or time.monotonic() > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(0.5, delay * 2)

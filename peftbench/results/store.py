@@ -32,7 +32,7 @@ from pydantic import BaseModel, ValidationError
 
 from peftbench.errors import PeftbenchError
 from peftbench.results import migrate
-from peftbench.results.leases import CLAIMS, Leases, Live, create_claims, now
+from peftbench.results.leases import CLAIMS, Leases, Live, create_claims, now, retry_locked
 from peftbench.results.records import TrialRecord, TrialResult, TrialSpec
 
 SCHEMA_VERSION = 2
@@ -178,7 +178,8 @@ class Store(Leases):
             self._conn.execute("PRAGMA busy_timeout = 60000")
             self._journal(os.environ.get("PEFTBENCH_STORE_JOURNAL") or (None if existed else "wal"))
             self._conn.execute("PRAGMA synchronous = FULL")  # a finished trial survives a power cut too
-            if self._open_schema(registry):
+            # another process opening the same new store may hold it without SQLite's busy wait applying
+            if retry_locked(lambda: self._open_schema(registry)):
                 self._conn.execute("VACUUM")  # the old table's pages go back: a migrated store is no larger than needed
         except sqlite3.DatabaseError as exc:
             raise StoreError(unreadable(self.path, exc)) from None
@@ -191,7 +192,7 @@ class Store(Leases):
         wanted = wanted.lower()
         if wanted not in ("wal", "delete"):
             raise StoreError(f"PEFTBENCH_STORE_JOURNAL={wanted!r} is not one of wal, delete")
-        mode = self._conn.execute(f"PRAGMA journal_mode = {wanted.upper()}").fetchone()[0]
+        mode = retry_locked(lambda: self._conn.execute(f"PRAGMA journal_mode = {wanted.upper()}").fetchone()[0])
         if wanted == "delete" and mode != "delete":
             self._conn.close()
             raise StoreError(f"{self.path} stays in WAL mode while another process has it open; "
