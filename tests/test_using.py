@@ -506,7 +506,7 @@ def test_qlora_exports_to_peft_on_its_own_4bit_base(tmp_path):
     """The base is saved as QLoRA ran it: the same NF4 codes, with the quantization_config under which
     transformers loads them. peft's LoRA on it gives peftbench's logits exactly (with bitsandbytes'
     standard CPU path; its AVX512-BF16 inference kernel, where the CPU has one, is measured apart)."""
-    bnb = pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
     model = _model_of(_wide_bert(tmp_path / "bert64"), "qlora", {"r": 2})
     big_deltas(model, seed=7, scale=0.1)
     with torch.no_grad():
@@ -541,7 +541,7 @@ def test_qlora_export_refuses_layers_that_bitsandbytes_decodes_wrongly_on_cpu(tm
     """A 32-wide base: rows of half an NF4 block, which bitsandbytes 0.50.2's AVX512 CPU kernel decodes
     wrongly; peftbench decodes those in torch, a plain load cannot, so the export is refused where it
     differs (and kept where bitsandbytes decodes them right)."""
-    pytest.importorskip("bitsandbytes")
+    import bitsandbytes  # noqa: F401 - a dependency (QLoRA)
     model = _model_of(make_tiny_model(tmp_path / "bert", "bert"), "qlora", {"r": 2})
     big_deltas(model, seed=8, scale=0.1)
     if any(getattr(m, "decodes_in_torch", False) for m in model.model.modules()):
