@@ -47,15 +47,18 @@ def register_methods(register):
 '''
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """Tiny model folder, CSV task, and a suite file with fast training settings."""
-    root = tmp_path_factory.mktemp("run")
+def make_env(root: Path, training: str = TRAINING) -> dict:
+    """Tiny model folder, CSV task, and a suite file with fast training settings (``training``)."""
     model = make_tiny_model(root / "tiny-bert")
     data = make_sentiment_csv(root / "reviews.csv", rows=60)
     suite = root / "fast.yaml"
-    suite.write_text(TRAINING)
+    suite.write_text(training)
     return {"root": root, "model": str(model), "data": str(data), "suite": str(suite)}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    return make_env(tmp_path_factory.mktemp("run"))
 
 
 def base_args(env, out: Path, *extra: str) -> list[str]:

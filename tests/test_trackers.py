@@ -20,7 +20,7 @@ from peftbench.running.options import RunOptions
 from peftbench.running.plan import make_plan
 from peftbench.running.runner import add_run_arguments, main, main_run, resolve_suite
 from peftbench.running.trackers import TrialTracking, folder_name, run_name
-from run_helpers import make_sentiment_csv, make_tiny_model
+from test_runner import base_args as runner_args, make_env
 
 import mlflow  # noqa: E402,F401 - test dependencies (the test extra): missing means a broken set-up
 import tensorboard  # noqa: E402,F401
@@ -34,13 +34,8 @@ ALLOWED = "allowed: tensorboard, mlflow, wandb, none"
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("trackers")
-    model = make_tiny_model(root / "tiny-bert")
-    data = make_sentiment_csv(root / "reviews.csv", rows=60)
-    suite = root / "fast.yaml"
-    suite.write_text(TRAINING)
-    return {"root": root, "model": str(model), "data": str(data), "suite": str(suite)}
+def env(tmp_path_factory):  # validation every 2 of 4 steps: two points in each tracker's history
+    return make_env(tmp_path_factory.mktemp("trackers"), TRAINING)
 
 
 @pytest.fixture
@@ -51,9 +46,7 @@ def file_stores(monkeypatch):
 
 
 def base_args(env, out: Path, *extra: str) -> list[str]:
-    return ["--config", env["suite"], "--backbone", env["model"], "--task", f"file:{env['data']}",
-            "--text-column", "review", "--label-column", "sentiment", "--out", str(out), "--quiet",
-            "--methods", "lora", "--budget", "5%", *extra]
+    return runner_args(env, out, "--methods", "lora", "--budget", "5%", *extra)
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
