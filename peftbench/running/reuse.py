@@ -20,7 +20,6 @@ import shutil
 from pathlib import Path
 
 from peftbench.contract.injection import CONFIG_FILE, WEIGHTS_FILE
-from peftbench.errors import VerificationError
 from peftbench.results.records import TrialRecord, TrialResult, TrialSpec
 from peftbench.running.artifacts import is_remote
 from peftbench.running.trackers import TrialTracking
@@ -44,11 +43,10 @@ def evaluate_reused(spec: TrialSpec, search: TrialRecord, options, artifacts: st
     """``spec``'s result from ``search``'s trained adapter: test read once, the rest the search's."""
     from safetensors.torch import load_file
 
-    from peftbench.contract.apply import apply
     from peftbench.running.costs import environment
     from peftbench.running.device import resolve_device, resolve_precision
     from peftbench.running.train import predict
-    from peftbench.running.trial import _generation_eval, load_trial_backbone, majority_scores
+    from peftbench.running.trial import _generation_eval, applied, load_trial_backbone, majority_scores
     from peftbench.tasks.data import encoded_data, raw_data, task_for
     from peftbench.tasks.metrics import compute_metrics
 
@@ -59,10 +57,7 @@ def evaluate_reused(spec: TrialSpec, search: TrialRecord, options, artifacts: st
     raw_data(task, spec.task, cfg)
     backbone = load_trial_backbone(spec.backbone, task, spec.seed, device, registry)
     data = encoded_data(task, spec.task, backbone, cfg)
-    injection = apply(registry.method(spec.method), backbone, spec.method_config)
-    if injection.trainable_params != spec.trainable_params:
-        raise VerificationError(f"method {spec.method!r}: the plan says {spec.trainable_params:,} trainable "
-                                f"parameters, the injection made {injection.trainable_params:,}")
+    injection = applied(registry.method(spec.method), backbone, spec)
     source = Path(search.result.artifacts) / ADAPTER
     if json.loads((source / CONFIG_FILE).read_text()).get("finalized"):
         injection.finalize()  # saved in its finalized form (prefix tuning's MLP folded): load it as such

@@ -110,11 +110,8 @@ def run_trial(spec: TrialSpec, options: RunOptions, artifacts: str | None, regis
         from peftbench.backbones.fingerprint import fingerprint
 
         base_sha256 = metadata["backbone_sha256"] if metadata else fingerprint(backbone)
-    injection = apply(method, backbone, spec.method_config)
+    injection = applied(method, backbone, spec)
     backbone.model.to(device)
-    if injection.trainable_params != spec.trainable_params:
-        raise VerificationError(f"method {spec.method!r}: the plan says {spec.trainable_params:,} trainable "
-                                f"parameters, the injection made {injection.trainable_params:,}")
     if spec.init_from:  # two-stage training: the checked injection starts from the source's weights
         from peftbench.running.init_from import start_from
 
@@ -178,6 +175,15 @@ def _examples(data: dict, spec: TrialSpec) -> dict[str, int]:
     """Examples per split the trial used: train and validation, and test for a final trial (it reads it)."""
     splits = ("train", "validation", "test") if spec.role == "final" else ("train", "validation")
     return {split: len(data[split]) for split in splits if split in data}
+
+
+def applied(method, backbone, spec: TrialSpec):
+    """``method`` applied to ``backbone`` at the trial's config, its size checked against the plan's."""
+    injection = apply(method, backbone, spec.method_config)
+    if injection.trainable_params != spec.trainable_params:
+        raise VerificationError(f"method {spec.method!r}: the plan says {spec.trainable_params:,} trainable "
+                                f"parameters, the injection made {injection.trainable_params:,}")
+    return injection
 
 
 def adapter_metadata(task, backbone, cfg) -> dict:
