@@ -201,3 +201,14 @@ def test_run_options_never_enter_a_trial(field):
     from peftbench.results.records import TrialSpec, TrainingSpec
 
     assert field not in TrainingSpec.model_fields and field not in TrialSpec.model_fields
+
+
+def test_every_core_package_ships_in_the_wheel():
+    """pyproject lists packages by hand (the plugins folder installs under another name), so a new
+    subpackage left off the list imports from a clone but is missing from an installed wheel."""
+    import tomllib
+
+    listed = set(tomllib.loads((CORE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(CORE.parent).parts) for p in CORE.rglob("__init__.py")}
+    assert found - listed == set(), f"add these to [tool.setuptools] packages in pyproject.toml: {sorted(found - listed)}"
+    assert PLUGIN_PACKAGE in listed
