@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from peftbench.backbones.bnb_notice import LOGGER, KernelsNoticeFilter
+from peftbench.backbones.bnb_notice import KERNELS_KNOWN, KERNELS_LOGGER, LOGGER, KernelsNoticeFilter
 from peftbench.cli import main as cli_main
 from peftbench.contract import registry as plugins
 
@@ -35,12 +35,23 @@ def test_the_kernels_notice_alone_is_filtered():
     assert not any(isinstance(f, KernelsNoticeFilter) for f in logging.getLogger("bitsandbytes").filters)
 
 
+def test_kernels_offline_line_is_filtered_for_the_bitsandbytes_kernel_only():
+    only = KernelsNoticeFilter(KERNELS_KNOWN)
+    line = "Skipping publisher trust check for '%s' because Hugging Face Hub is in offline mode."
+    assert not only.filter(logging.LogRecord(KERNELS_LOGGER, logging.WARNING, "hf_hub.py", 123, line,
+                                             ("kernels-community/quantization-bitsandbytes",), None))
+    assert only.filter(logging.LogRecord(KERNELS_LOGGER, logging.WARNING, "hf_hub.py", 123, line,
+                                         ("someone/another-kernel",), None))
+    assert any(isinstance(f, KernelsNoticeFilter) for f in logging.getLogger(KERNELS_LOGGER).filters)
+
+
 def test_importing_peft_after_peftbench_prints_no_kernels_notice():
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     code = ("import logging, peftbench, peft, bitsandbytes; "
             f"logging.getLogger({LOGGER!r}).warning('another bitsandbytes warning')")
     err = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stderr
     assert "gemm_4bit_forward" not in err and "pip install kernels" not in err
+    assert "Skipping publisher trust check" not in err  # kernels' own offline line about the same kernel
     assert "another bitsandbytes warning" in err  # the logger itself still speaks
 
 
