@@ -41,13 +41,14 @@ class LoRALinear(nn.Module):
         #: output columns each LoRA writes, as (start, end); None: the whole output
         self.slices = slices
         n = len(slices) if slices else 1
-        width = (slices[0][1] - slices[0][0]) if slices else d_out
+        width = _b_rows(slices)[-1][1] if slices else d_out  # B's rows: every slice's width, stacked
         weight = _floating_weight(base_layer)
         factory = {"device": weight.device if weight is not None else None,
                    "dtype": dtype or (weight.dtype if weight is not None else None)}
-        # with slices, A and B of slice i are rows i*r:(i+1)*r of A and i*w:(i+1)*w of B
+        # with slices, A and B of slice i are rows i*r:(i+1)*r of A and _b_rows(slices)[i] of B
+        # (slices may differ in width: Phi-3's GQA q|k|v)
         self.lora_A = nn.Linear(d_in, n * r, bias=False, **factory)  # weight (n*r, d_in)
-        self.lora_B = nn.Linear(r, n * width, bias=False, **factory)  # weight (n*w, r)
+        self.lora_B = nn.Linear(r, width, bias=False, **factory)  # weight (sum of slice widths, r)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # bound 1/sqrt(d_in), as peft
         nn.init.zeros_(self.lora_B.weight)
@@ -102,9 +103,8 @@ class LoRALinear(nn.Module):
         """(start, end, (alpha / r) * B_i A_i of shape (end - start, d_in)) per slice."""
         a, b, r = self.lora_A.weight, self.lora_B.weight, self.r
         slices = self.slices or [(0, b.shape[0])]
-        width = slices[0][1] - slices[0][0]
-        return [(s, e, self.scaling * (b[i * width:(i + 1) * width] @ a[i * r:(i + 1) * r]))
-                for i, (s, e) in enumerate(slices)]
+        return [(s, e, self.scaling * (b[lo:hi] @ a[i * r:(i + 1) * r]))
+                for i, ((s, e), (lo, hi)) in enumerate(zip(slices, _b_rows(slices)))]
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -145,13 +145,22 @@ class SlicedLoRALinear(LoRALinear):
         ax = self.lora_A(self.dropout(x)) * self.scaling  # (..., n*r): all slices' (alpha/r) A_i x in one matmul
         b, r = self.lora_B.weight, self.r
         pieces, done = [], 0  # h rebuilt once, left to right; untargeted columns pass through
-        for i, (start, end) in enumerate(self.slices):
+        for i, ((start, end), (lo, hi)) in enumerate(zip(self.slices, _b_rows(self.slices))):
             # h[..., slice i] + B_i (alpha / r) A_i x
-            delta = F.linear(ax[..., i * r:(i + 1) * r], b[i * (end - start):(i + 1) * (end - start)])
+            delta = F.linear(ax[..., i * r:(i + 1) * r], b[lo:hi])
             pieces += [h[..., done:start], h[..., start:end] + delta]
             done = end
         pieces.append(h[..., done:])
         return torch.cat(pieces, dim=-1)
+
+
+def _b_rows(slices: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Rows of the stacked ``lora_B`` that hold each slice's B_i: the slices' widths, one after another."""
+    rows, top = [], 0
+    for start, end in slices:
+        rows.append((top, top + end - start))
+        top += end - start
+    return rows
 
 
 def _lora_no_grad(x, weight, bias, lora_a, lora_b, scaling, slices, conv1d):
@@ -173,9 +182,8 @@ def _lora_no_grad(x, weight, bias, lora_a, lora_b, scaling, slices, conv1d):
         out.addmm_(ax, lora_b.t(), alpha=scaling)
     else:
         r = ax.shape[1] // len(slices)
-        for i, (start, end) in enumerate(slices):
-            w = end - start
-            out[:, start:end].addmm_(ax[:, i * r:(i + 1) * r], lora_b[i * w:(i + 1) * w].t(), alpha=scaling)
+        for i, ((start, end), (lo, hi)) in enumerate(zip(slices, _b_rows(slices))):
+            out[:, start:end].addmm_(ax[:, i * r:(i + 1) * r], lora_b[lo:hi].t(), alpha=scaling)
     return out.view(*shape[:-1], out.shape[-1])
 
 
@@ -205,9 +213,8 @@ class _FusedLoRA(torch.autograd.Function):
             out.addmm_(sax_t.t(), lora_b.t().contiguous())
         else:
             r = sax_t.shape[0] // len(slices)
-            for i, (start, end) in enumerate(slices):
-                w = end - start
-                out[:, start:end].addmm_(sax_t[i * r:(i + 1) * r].t(), lora_b[i * w:(i + 1) * w].t().contiguous())
+            for i, ((start, end), (lo, hi)) in enumerate(zip(slices, _b_rows(slices))):
+                out[:, start:end].addmm_(sax_t[i * r:(i + 1) * r].t(), lora_b[lo:hi].t().contiguous())
         ctx.save_for_backward(x2, weight, lora_a, lora_b, sax_t)
         ctx.slices, ctx.conv1d, ctx.scaling, ctx.shape = slices, conv1d, scaling, shape
         return out.view(*shape[:-1], out.shape[-1])
@@ -227,15 +234,14 @@ class _FusedLoRA(torch.autograd.Function):
         else:
             r = sax_t.shape[0] // len(slices)
             pieces_a, pieces_b = [], []
-            for i, (start, end) in enumerate(slices):
-                w = end - start
+            for i, ((start, end), (lo, hi)) in enumerate(zip(slices, _b_rows(slices))):
                 gi = g[:, start:end]  # (N, w): slice i's columns
                 if need_gsax:
-                    pieces_a.append(torch.mm(lora_b[i * w:(i + 1) * w].t().contiguous(), gi.t()))  # (r, N)
+                    pieces_a.append(torch.mm(lora_b[lo:hi].t().contiguous(), gi.t()))  # (r, N)
                 if need_b:
                     pieces_b.append(torch.mm(sax_t[i * r:(i + 1) * r], gi).t())  # (w, r)
             gsax_t = torch.cat(pieces_a, dim=0) if pieces_a else None  # (n r, N)
-            grad_b = torch.cat(pieces_b, dim=0) if pieces_b else None  # (n w, r)
+            grad_b = torch.cat(pieces_b, dim=0) if pieces_b else None  # (sum of widths, r)
         if gsax_t is not None:
             gsax_t.mul_(ctx.scaling)  # d loss / d (A x), transposed
         if need_a:
@@ -386,8 +392,8 @@ def peft_lora(injection, layers: list[LoRALinear], quantized_base: bool = False)
             n, r = len(layer.slices), layer.r
             d_out = peftbench.linear_shape(layer.base_layer)[1]
             full = b.new_zeros(d_out, n * r)  # (d_out, n r)
-            for i, (start, end) in enumerate(layer.slices):
-                full[start:end, i * r:(i + 1) * r] = b[i * (end - start):(i + 1) * (end - start)]
+            for i, ((start, end), (lo, hi)) in enumerate(zip(layer.slices, _b_rows(layer.slices))):
+                full[start:end, i * r:(i + 1) * r] = b[lo:hi]
             b = full
             ranks[path], alphas[path] = n * r, n * cfg.alpha
         tensors[f"base_model.model.{path}.lora_A.weight"] = a.clone()

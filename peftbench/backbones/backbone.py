@@ -86,6 +86,10 @@ class Backbone:
         self._layers = get_path(self.base_model, layout.layers, "layers")
         if not isinstance(self._layers, (nn.ModuleList, list, tuple)):
             raise ConfigError(f"layout {layout.model_type!r}: layers path {layout.layers!r} is not a list of blocks")
+        self._heads = self._attention_dims()
+        heads, kv_heads, head_dim = self._heads
+        #: widths of fused q/k/v slices (GQA's k and v are narrower than q)
+        self._slice_widths = {"q": heads * head_dim, "k": kv_heads * head_dim, "v": kv_heads * head_dim}
         self.spec = self._measure()
 
     # -- structure -----------------------------------------------------------------------
@@ -109,7 +113,7 @@ class Backbone:
     def site(self, layer: int, name: str) -> Site:
         if not 0 <= layer < len(self._layers):
             raise ConfigError(f"layer {layer} does not exist ({self.name} has {len(self._layers)} layers)")
-        return resolve_site(self.layout, self._layers[layer], layer, name, self.layer_path(layer))
+        return resolve_site(self.layout, self._layers[layer], layer, name, self.layer_path(layer), self._slice_widths)
 
     def sites(self, name: str, layers: list[int] | None = None) -> list[Site]:
         return [self.site(i, name) for i in (layers if layers is not None else range(len(self._layers)))]
@@ -215,13 +219,19 @@ class Backbone:
         return sum(logical_numel(p) for p in self.trainable_parameters().values())
 
     # -- spec ----------------------------------------------------------------------------
+    def _attention_dims(self) -> tuple[int, int, int]:
+        """(heads, kv_heads, head_dim) from the config."""
+        config, names = self.model.config, self.layout.config_names
+        hidden = _config_int(config, names.get("hidden", "hidden_size"))
+        heads = _config_int(config, names.get("heads", "num_attention_heads"))
+        kv_heads = _config_int(config, names.get("kv_heads", "num_key_value_heads"), "num_key_value_heads", default=heads)
+        return heads, kv_heads, _config_int(config, "head_dim", default=hidden // heads)
+
     def _measure(self) -> BackboneSpec:
         config = self.model.config
         names = self.layout.config_names
         hidden = _config_int(config, names.get("hidden", "hidden_size"))
-        heads = _config_int(config, names.get("heads", "num_attention_heads"))
-        kv_heads = _config_int(config, names.get("kv_heads", "num_key_value_heads"), "num_key_value_heads", default=heads)
-        head_dim = _config_int(config, "head_dim", default=hidden // heads)
+        heads, kv_heads, head_dim = self._heads
         from peftbench.backbones.quant import logical_numel
 
         base_ids, base_params = set(), 0
@@ -235,7 +245,7 @@ class Backbone:
         block = self._layers[0]
         site_shapes, norm_params = {}, {}
         for name in self.layout.site_names():
-            site = resolve_site(self.layout, block, 0, name, self.layer_path(0))
+            site = resolve_site(self.layout, block, 0, name, self.layer_path(0), self._slice_widths)
             if name in LINEAR_SITES:
                 site_shapes[name] = (site.in_features, site.out_features)
             elif name.endswith("_norm"):
@@ -296,9 +306,8 @@ def from_config(config, task: str = "classification", num_labels: int = 2, *, re
                 seed: int = 0) -> Backbone:
     """A randomly initialised backbone from a transformers ``*Config`` (tests, benchmarks)."""
     config = _prepare_config(config, task, num_labels, None)
-    config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
-    model = _auto_class(task).from_config(config, attn_implementation="sdpa")
+    model = _auto_class(task).from_config(config)  # transformers' default: SDPA where the family has it, else eager
     model.eval()
     return Backbone(model, registry.layout_for(config), name=name or f"tiny-{config.model_type}", task=task)
 
@@ -321,7 +330,8 @@ def load_backbone(name: str, task: str = "classification", num_labels: int = 2, 
     config = transformers.AutoConfig.from_pretrained(source)
     layout = registry.layout_for(config)
     config = _prepare_config(config, task, num_labels, tokenizer.pad_token_id)
-    model = _auto_class(task).from_pretrained(source, config=config, dtype=dtype, attn_implementation="sdpa")
+    # transformers' default attention: SDPA where the family has it (eager for Gemma 2's soft-capping, DeBERTa)
+    model = _auto_class(task).from_pretrained(source, config=config, dtype=dtype)
     if device:
         model.to(device)
     model.eval()

@@ -2,7 +2,10 @@
 
 Paths are relative to the HF *base model* (``model.base_model``: ``BertModel``,
 ``GPT2Model``, ``LlamaModel``) for ``layers`` and ``embeddings``, and relative to one block
-for per-layer ``sites``. A fused projection (GPT-2's ``c_attn``) names its output slices.
+for per-layer ``sites``. A fused projection (GPT-2's ``c_attn``, Phi-3's ``qkv_proj`` and
+``gate_up_proj``) names its output slices: q takes ``heads * head_dim`` outputs and k and v
+``kv_heads * head_dim`` each (so GQA's narrower k/v slices come out right); any other slices
+split the rest equally.
 Standard site names: q, k, v, attn_out, ffn_in, ffn_gate, ffn_out, attn_norm, ffn_norm,
 and ``attention`` (the module that calls the attention function: the key/value prefix site).
 """
@@ -34,6 +37,8 @@ class ArchLayout:
     pre_norm: bool = False
     #: True for decoder-only families (causal self-attention)
     causal: bool = False
+    #: standard sites this family cannot offer -> why (named in the error when a method asks)
+    absent: Mapping[str, str] = field(default_factory=dict)
 
     def site_names(self) -> list[str]:
         names = list(self.sites)
@@ -111,18 +116,44 @@ def split_parent(root: nn.Module, path: str, what: str) -> tuple[nn.Module, str]
     return parent, attr
 
 
-def resolve_site(layout: ArchLayout, block: nn.Module, layer: int, name: str, block_path: str) -> Site:
+def slice_bounds(layout: ArchLayout, path: str, parts: tuple[str, ...], out_features: int,
+                 widths: Mapping[str, int] | None) -> list[tuple[int, int]]:
+    """(start, stop) of each output slice of a fused projection with ``out_features`` outputs.
+
+    Slices named in ``widths`` (the backbone gives q, k and v theirs) take that width; the
+    others split what is left equally. A projection whose width does not add up is an error.
+    """
+    widths = widths or {}
+    known = sum(widths[p] for p in parts if p in widths)
+    rest = [p for p in parts if p not in widths]
+    share, left = divmod(out_features - known, len(rest)) if rest else (0, out_features - known)
+    if left or share < 0 or (rest and share == 0):
+        want = " + ".join(f"{p}={widths[p]}" if p in widths else f"{p}=?" for p in parts)
+        raise LayoutError(f"fused projection {path!r} of {layout.model_type!r} has {out_features} outputs, "
+                          f"which its slices ({want}) cannot split")
+    bounds, start = [], 0
+    for part in parts:
+        width = widths.get(part, share)
+        bounds.append((start, start + width))
+        start += width
+    return bounds
+
+
+def resolve_site(layout: ArchLayout, block: nn.Module, layer: int, name: str, block_path: str,
+                 widths: Mapping[str, int] | None = None) -> Site:
+    """The site ``name`` of ``block`` (layer ``layer``); ``widths`` sizes fused q/k/v slices."""
     if name in layout.sites:
         path = layout.sites[name]
         parent, attr = split_parent(block, path, f"site {name!r} of {layout.model_type}")
         return Site(layer, name, f"{block_path}.{path}", getattr(parent, attr), parent, attr)
     fused = layout.fused_path(name)
     if fused is not None:
-        path, index, count = fused
+        path, index, _ = fused
         parent, attr = split_parent(block, path, f"fused site {name!r} of {layout.model_type}")
         module = getattr(parent, attr)
-        width = linear_shape(module)[1] // count
-        return Site(layer, name, f"{block_path}.{path}", module, parent, attr, (index * width, (index + 1) * width))
+        bounds = slice_bounds(layout, path, layout.fused[path], linear_shape(module)[1], widths)
+        return Site(layer, name, f"{block_path}.{path}", module, parent, attr, bounds[index])
+    why = f" ({layout.absent[name]})" if name in layout.absent else ""
     raise LayoutError(
-        f"architecture {layout.model_type!r} has no site {name!r}; it has: {', '.join(layout.site_names())}"
+        f"architecture {layout.model_type!r} has no site {name!r}{why}; it has: {', '.join(layout.site_names())}"
     )
