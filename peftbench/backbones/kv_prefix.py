@@ -13,6 +13,10 @@ boolean mask (True = attend): otherwise padding would arrive as ``None`` and pad
 tokens would be attended silently. The model builds that mask once per forward and hands
 the same tensor to every layer, so the widened mask is memoised and built once, not L times.
 
+A model that runs eager attention (Gemma 2, whose logit soft-capping SDPA cannot do) keeps
+it: the prefix function then calls the eager attention function of the attention module's
+own modeling file, with the widened mask turned into transformers' additive float form.
+
 A provider is ``provider(layer, batch) -> (key, value)``, each ``(kv_heads, n, head_dim)``
 (shared by the batch, expanded here as a view) or ``(batch, kv_heads, n, head_dim)``.
 """
@@ -21,6 +25,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable
+
+import sys
 
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface
@@ -38,9 +44,14 @@ Provider = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
 class _Prefix:
     """One attachment: the provider, and the widened mask of the current forward."""
 
-    def __init__(self, provider: Provider):
+    def __init__(self, provider: Provider, eager: bool = False):
         self.provider = provider
+        self.eager = eager  # the model ran eager attention before: keep its own function
         self._memo: tuple | None = None  # (mask in, its version, n, q_len, key_len, mask out)
+
+    def plain(self, mask: torch.Tensor | None, query: torch.Tensor) -> torch.Tensor | None:
+        """The mask of a layer without a prefix: as built, in additive form for eager attention."""
+        return _additive(mask, query.dtype) if self.eager and mask is not None else mask
 
     def widen(self, mask: torch.Tensor | None, module, query: torch.Tensor, key_len: int, n: int) -> torch.Tensor:
         q_len = query.shape[2]
@@ -51,14 +62,24 @@ class _Prefix:
         if memo is not None and memo[0] is mask and memo[1:5] == (version, n, q_len, key_len):
             return memo[5]
         out = _widen_mask(mask, module, query, key_len, n)
+        if self.eager:
+            out = _additive(out, query.dtype)
         self._memo = (mask, version, n, q_len, key_len, out)
         return out
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask (True = attend) as eager attention adds it: 0 attends, the dtype's min masks."""
+    if mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
 @dataclass
 class _Slot:
     prefix: _Prefix
     layer: int
+    active: bool = True  # False: a layer left without a prefix (it still runs the model's own function)
 
 
 def _widen_mask(mask: torch.Tensor | None, module, query: torch.Tensor, key_len: int, n: int) -> torch.Tensor:
@@ -91,10 +112,18 @@ def _batched(prefix: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     return prefix.to(key.dtype).expand(key.shape[0], -1, -1, -1)
 
 
+def _eager_function(module) -> Callable | None:
+    """The ``eager_attention_forward`` of the modeling file that defines ``module``'s class."""
+    return getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+
+
 def prefix_attention(module, query, key, value, attention_mask, **kwargs):
     slot: _Slot | None = module.__dict__.get(_SLOT)
     if slot is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    attend = _eager_function(module) if slot.prefix.eager else sdpa_attention_forward
+    if not slot.active:
+        return attend(module, query, key, value, slot.prefix.plain(attention_mask, query), **kwargs)
     # query: (B, H, q, D); key/value: (B, H_kv, k, D) after the cache update; prefix: (B, H_kv, n, D)
     prefix_key, prefix_value = slot.prefix.provider(slot.layer, query.shape[0])
     prefix_key, prefix_value = _batched(prefix_key, key), _batched(prefix_value, value)
@@ -103,7 +132,7 @@ def prefix_attention(module, query, key, value, attention_mask, **kwargs):
     key = torch.cat([prefix_key, key], dim=2)  # (B, H_kv, n + k, D)
     value = torch.cat([prefix_value, value], dim=2)
     kwargs["is_causal"] = False  # the explicit mask carries causality
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return attend(module, query, key, value, attention_mask, **kwargs)
 
 
 def prefix_mask(*args, **kwargs):
@@ -122,13 +151,22 @@ def attach_kv_prefix(backbone, provider: Provider, layers: list[int] | None = No
     before = model.config._attn_implementation
     if before == NAME:
         raise ConfigError(f"backbone {backbone.name!r} already carries a key/value prefix; remove it first")
-    prefix = _Prefix(provider)
+    prefix = _Prefix(provider, eager=before == "eager")
+    chosen = set(layers if layers is not None else range(backbone.spec.layers))
+    sites = backbone.sites("attention")  # every layer: the ones without a prefix keep the model's function
+    if prefix.eager and any(_eager_function(s.module) is None for s in sites):
+        raise ConfigError(f"backbone {backbone.name!r} runs eager attention, but the module of its attention "
+                          f"({type(sites[0].module).__name__}) has no eager_attention_forward to add a prefix to")
     modules = []
-    for i in layers if layers is not None else range(backbone.spec.layers):
-        attention = backbone.site(i, "attention").module
-        attention.__dict__[_SLOT] = _Slot(prefix, i)
-        modules.append(attention)
+    for site in sites:
+        site.module.__dict__[_SLOT] = _Slot(prefix, site.layer, site.layer in chosen)
+        modules.append(site.module)
     model.set_attn_implementation(NAME)
+    if model.config._attn_implementation != NAME:  # transformers declined: the prefix would be silently ignored
+        for attention in modules:
+            attention.__dict__.pop(_SLOT, None)
+        raise ConfigError(f"backbone {backbone.name!r} ({backbone.layout.model_type}): its attention does not call "
+                          f"transformers' attention-function registry, so a key/value prefix cannot be attached")
 
     def undo():
         for attention in modules:
