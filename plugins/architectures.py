@@ -1,8 +1,15 @@
-"""Layouts of the built-in architectures: where each family keeps its sites."""
+"""Layouts of the built-in architectures: where each family keeps its sites.
+
+A ``model_type`` none of them names gets a layout inferred from its module names when it
+follows a known convention (``resolve_layout`` from ``layout_inference``, asked after every
+other plugin's resolver).
+"""
 
 from __future__ import annotations
 
 import peftbench
+
+from .layout_inference import resolve_layout  # noqa: F401  (a hook of this plugin)
 
 _BERT_SITES = {
     "q": "attention.self.query",
@@ -16,12 +23,58 @@ _BERT_SITES = {
     "attention": "attention.self",
 }
 
+#: LLaMA's block, shared by the families that copied its module names (Qwen2/3, Mistral, Gemma)
+_LLAMA_SITES = {
+    "q": "self_attn.q_proj",
+    "k": "self_attn.k_proj",
+    "v": "self_attn.v_proj",
+    "attn_out": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_in": "mlp.up_proj",
+    "ffn_out": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attention": "self_attn",
+}
+
+#: Gemma 2 and 3 normalise before and after each sub-layer; the norm in front of the FFN is
+#: ``pre_feedforward_layernorm`` (``post_attention_layernorm`` normalises the attention's output)
+_GEMMA2_SITES = {**_LLAMA_SITES, "ffn_norm": "pre_feedforward_layernorm"}
+
+
+def _decoder(model_type: str, sites=_LLAMA_SITES, **kwargs) -> peftbench.ArchLayout:
+    return peftbench.ArchLayout(model_type=model_type, layers="layers", sites=sites, embeddings="embed_tokens",
+                                pre_norm=True, causal=True, **kwargs)
+
+
 LAYOUTS = [
     peftbench.ArchLayout(
         model_type="bert", layers="encoder.layer", sites=_BERT_SITES, embeddings="embeddings.word_embeddings"
     ),
     peftbench.ArchLayout(
         model_type="roberta", layers="encoder.layer", sites=_BERT_SITES, embeddings="embeddings.word_embeddings"
+    ),
+    peftbench.ArchLayout(
+        model_type="xlm-roberta", layers="encoder.layer", sites=_BERT_SITES, embeddings="embeddings.word_embeddings"
+    ),
+    # ELECTRA's embeddings may be narrower than its blocks (``embeddings_project`` widens them)
+    peftbench.ArchLayout(
+        model_type="electra", layers="encoder.layer", sites=_BERT_SITES, embeddings="embeddings.word_embeddings"
+    ),
+    peftbench.ArchLayout(
+        model_type="deberta-v2",
+        layers="encoder.layer",
+        sites={
+            **{k: v for k, v in _BERT_SITES.items() if k != "attention"},
+            "q": "attention.self.query_proj",
+            "k": "attention.self.key_proj",
+            "v": "attention.self.value_proj",
+        },
+        embeddings="embeddings.word_embeddings",
+        absent={
+            "attention": "DeBERTa's disentangled attention adds relative-position scores itself and never calls "
+            "transformers' attention-function registry, so no key/value prefix can reach it",
+        },
     ),
     peftbench.ArchLayout(
         model_type="distilbert",
@@ -57,24 +110,19 @@ LAYOUTS = [
         pre_norm=True,
         causal=True,
     ),
-    peftbench.ArchLayout(
-        model_type="llama",
-        layers="layers",
-        sites={
-            "q": "self_attn.q_proj",
-            "k": "self_attn.k_proj",
-            "v": "self_attn.v_proj",
-            "attn_out": "self_attn.o_proj",
-            "ffn_gate": "mlp.gate_proj",
-            "ffn_in": "mlp.up_proj",
-            "ffn_out": "mlp.down_proj",
-            "attn_norm": "input_layernorm",
-            "ffn_norm": "post_attention_layernorm",
-            "attention": "self_attn",
-        },
-        embeddings="embed_tokens",
-        pre_norm=True,
-        causal=True,
+    _decoder("llama"),
+    _decoder("qwen2"),
+    _decoder("qwen3"),  # q_norm/k_norm inside self_attn act before the attention function
+    _decoder("mistral"),
+    _decoder("gemma"),
+    _decoder("gemma2", _GEMMA2_SITES),  # eager attention (logit soft-capping): the kv prefix follows it
+    _decoder("gemma3_text", _GEMMA2_SITES),
+    # Phi-3 fuses q, k, v into one projection (q is wider than k and v under GQA) and the FFN's
+    # gate and up projections into ``gate_up_proj`` (gate first: Phi3MLP chunks it in that order)
+    _decoder(
+        "phi3",
+        {k: v for k, v in _LLAMA_SITES.items() if k not in ("q", "k", "v", "ffn_gate", "ffn_in")},
+        fused={"self_attn.qkv_proj": ("q", "k", "v"), "mlp.gate_up_proj": ("ffn_gate", "ffn_in")},
     ),
 ]
 
