@@ -168,7 +168,7 @@ def test_unknown_method_did_you_mean():
     assert reg.canonical("FULL-FT") == "full"
 
 
-def test_resolve_layout_hook_answers_for_unknown_models():
+def test_resolve_layout_hook_answers_for_unknown_models(monkeypatch):
     from transformers import BertConfig
 
     layout = get_registry().architectures["bert"].obj
@@ -180,12 +180,20 @@ def test_resolve_layout_hook_answers_for_unknown_models():
                 return layout
             return None
 
+    class Silent:
+        @peftbench.hookimpl
+        def resolve_layout(self, config):
+            return None
+
     reg = get_registry(extra=[Resolver()])
     config = BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16, vocab_size=20)
     config.model_type = "my-bert"
-    assert reg.layout_for(config) is layout
+    assert reg.layout_for(config) is layout  # a plugin's resolver answers before the built-in inference
+    inferred = get_registry().layout_for(config)  # no resolver: inferred from its (BERT) module names
+    assert inferred.model_type == "my-bert" and dict(inferred.sites) == dict(layout.sites)
+    monkeypatch.setenv("PEFTBENCH_DISABLE_PLUGINS", "architectures")  # no inference either: the registry's error
     with pytest.raises(peftbench.LayoutError, match="(?s)no layout for model_type .my-bert.*register_architectures"):
-        get_registry().layout_for(config)
+        get_registry(extra=[Silent()]).layout_for(config)
 
 
 def test_readme_plugin_example_works(tmp_path, capsys):
