@@ -100,10 +100,11 @@ def attach_prefix(injection: peftbench.Injection, table: PrefixTable) -> PrefixT
     """Hang ``table`` on the base model and feed it to every attention layer."""
     base = injection.backbone.base_model
     table.to(injection.backbone.embeddings().weight.device)
+    # the prefix path first: where a family's attention cannot take one it refuses, and nothing is attached yet
+    injection.kv_prefix(table.key_value)
     injection.attach(base, "prefix", table)
     injection.add_hook(base, table.new_forward, pre=True)  # one table per base-model forward
     injection.on_remove(lambda: table._clear())
-    injection.kv_prefix(table.key_value)
     return table
 
 

@@ -154,19 +154,18 @@ def attach_kv_prefix(backbone, provider: Provider, layers: list[int] | None = No
     prefix = _Prefix(provider, eager=before == "eager")
     chosen = set(layers if layers is not None else range(backbone.spec.layers))
     sites = backbone.sites("attention")  # every layer: the ones without a prefix keep the model's function
+    model.set_attn_implementation(NAME)
+    if model.config._attn_implementation != NAME:  # transformers declined: the prefix would be silently ignored
+        raise ConfigError(f"backbone {backbone.name!r} ({backbone.layout.model_type}): its attention does not call "
+                          f"transformers' attention-function registry, so a key/value prefix cannot be attached")
     if prefix.eager and any(_eager_function(s.module) is None for s in sites):
+        model.set_attn_implementation(before)
         raise ConfigError(f"backbone {backbone.name!r} runs eager attention, but the module of its attention "
                           f"({type(sites[0].module).__name__}) has no eager_attention_forward to add a prefix to")
     modules = []
     for site in sites:
         site.module.__dict__[_SLOT] = _Slot(prefix, site.layer, site.layer in chosen)
         modules.append(site.module)
-    model.set_attn_implementation(NAME)
-    if model.config._attn_implementation != NAME:  # transformers declined: the prefix would be silently ignored
-        for attention in modules:
-            attention.__dict__.pop(_SLOT, None)
-        raise ConfigError(f"backbone {backbone.name!r} ({backbone.layout.model_type}): its attention does not call "
-                          f"transformers' attention-function registry, so a key/value prefix cannot be attached")
 
     def undo():
         for attention in modules:
