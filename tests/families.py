@@ -18,7 +18,7 @@ from conftest import VOCAB
 DECODERS = ("qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "phi3")
 ENCODERS = ("xlm-roberta", "electra", "deberta-v2")
 FAMILIES = DECODERS + ENCODERS
-INFERRED_DECODERS = ("granite", "olmo", "starcoder2")
+INFERRED_DECODERS = ("granite", "olmo", "stablelm", "starcoder2")
 INFERRED_ENCODERS = ("camembert",)
 INFERRED = INFERRED_DECODERS + INFERRED_ENCODERS
 
@@ -36,15 +36,15 @@ def family_config(family: str, window: int = 4, width: int = 32, vocab: int = VO
     if family == "qwen2":
         return T.Qwen2Config(**_DECODER)
     if family == "qwen3":
-        return T.Qwen3Config(**_DECODER, head_dim=16)
+        return T.Qwen3Config(**_DECODER, head_dim=width // 2)  # wider than hidden / heads
     if family == "mistral":
         return T.MistralConfig(**_DECODER, sliding_window=window)
     if family == "gemma":
-        return T.GemmaConfig(**{**_DECODER, "num_key_value_heads": 1}, head_dim=8)
+        return T.GemmaConfig(**{**_DECODER, "num_key_value_heads": 1}, head_dim=width // 4)
     if family == "gemma2":
-        return T.Gemma2Config(**_DECODER, head_dim=8, sliding_window=window, query_pre_attn_scalar=8)
+        return T.Gemma2Config(**_DECODER, head_dim=width // 4, sliding_window=window, query_pre_attn_scalar=8)
     if family == "gemma3_text":
-        return T.Gemma3TextConfig(**_DECODER, head_dim=8, sliding_window=window, query_pre_attn_scalar=8,
+        return T.Gemma3TextConfig(**_DECODER, head_dim=width // 4, sliding_window=window, query_pre_attn_scalar=8,
                                   layer_types=["sliding_attention", "full_attention"])
     if family == "phi3":
         return T.Phi3Config(**_DECODER)
@@ -60,6 +60,8 @@ def family_config(family: str, window: int = 4, width: int = 32, vocab: int = VO
         return T.GraniteConfig(**_DECODER, attention_multiplier=0.2, residual_multiplier=0.5)
     if family == "olmo":
         return T.OlmoConfig(**_DECODER)
+    if family == "stablelm":
+        return T.StableLmConfig(**_DECODER)
     if family == "starcoder2":
         return T.Starcoder2Config(**_DECODER, sliding_window=None)
     if family == "camembert":

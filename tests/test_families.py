@@ -11,7 +11,7 @@ phi3 (fused q|k|v under GQA, fused gate|up), xlm-roberta, electra and deberta-v2
   Gemma 2's eager soft-capped attention alike), and cached generation equals uncached;
 - DeBERTa-v2's disentangled attention, which no prefix can reach, is refused with the reason.
 Inference: it reproduces every registered table that follows the usual names, runs the methods
-on real unregistered families (Granite, OLMo, StarCoder2, CamemBERT) after a one-line warning,
+on real unregistered families (Granite, OLMo, StableLM, StarCoder2, CamemBERT) after a one-line warning,
 and fails in one line naming the model type and what it could not find (GPT-NeoX, T5).
 """
 
