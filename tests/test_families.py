@@ -318,6 +318,29 @@ def test_kv_prefix_equals_prepended_tokens(family):
     assert backbone.model.config._attn_implementation == before
 
 
+@pytest.mark.parametrize("family", ["qwen2", "gemma2"])  # SDPA and eager attention
+def test_prefix_on_some_layers_leaves_the_others_as_they_were(family):
+    backbone = build(family)
+    data = tiny_batch(left=True)
+    spec = backbone.spec
+    prefix = torch.randn(spec.kv_heads, 4, spec.head_dim, generator=torch.Generator().manual_seed(0))
+
+    def states():
+        with torch.no_grad():
+            return backbone.base_model(**data, output_hidden_states=True).hidden_states
+
+    plain = states()
+    undo = attach_kv_prefix(backbone, lambda layer, b: (prefix, prefix), layers=[1])
+    try:
+        prefixed = states()
+    finally:
+        undo()
+    torch.testing.assert_close(prefixed[1], plain[1], atol=1e-6, rtol=1e-6)  # layer 0 ran as before
+    real = data["attention_mask"].bool()
+    assert not torch.allclose(prefixed[-1][real], plain[-1][real], atol=1e-3)  # layer 1 took the prefix
+    torch.testing.assert_close(states()[-1], plain[-1], atol=0, rtol=0)  # undone
+
+
 @pytest.mark.parametrize("family", DECODERS)
 def test_prefix_generation_with_cache_equals_without(family):
     """Greedy decoding with P-tuning v2 attached: the KV cache (sliding-window layers included)
