@@ -144,7 +144,7 @@ class Prompt(peftbench.Method):
 
     def param_count(self, cfg, spec):
         # n · d
-        return cfg.n * spec.hidden
+        return cfg.n * spec.embed_dim  # n · d_embed (d_embed = hidden, but ELECTRA-small's is narrower)
 
     def inject(self, backbone, cfg):
         injection = peftbench.Injection(backbone, self, cfg)
@@ -157,7 +157,7 @@ class Prompt(peftbench.Method):
         # peft's prompt tuning prepends its (n, d) prompt_embeddings to the input embeddings, with ones
         # in the attention mask and zeros in token_type_ids: what attach_input_prompt does
         spec = injection.backbone.spec
-        config = {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": injection.config.n, "token_dim": spec.hidden,
+        config = {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": injection.config.n, "token_dim": spec.embed_dim,
                   "num_transformer_submodules": 1, "num_attention_heads": spec.heads, "num_layers": spec.layers,
                   "prompt_tuning_init": "RANDOM"}
         return peftbench.PeftAdapter(config, {"prompt_embeddings": injection.soft_prompt.prompt.detach().clone()},

@@ -103,7 +103,7 @@ class PTuning(peftbench.Method):
         return input_prompt_knob_range(spec)
 
     def param_count(self, cfg, spec):
-        d, h = spec.hidden, self.width(cfg, spec)
+        d, h = spec.embed_dim, self.width(cfg, spec)  # d: the input embeddings' width
         if cfg.encoder == "lstm":
             # LSTM layer 1 (input d), both directions: 2·(4h·d + 4h·h + 8h)
             # LSTM layer 2 (input 2h), both directions: 2·(4h·2h + 4h·h + 8h)
@@ -117,12 +117,12 @@ class PTuning(peftbench.Method):
 
     def stored_count(self, cfg, spec):
         # after finalize(): the encoder's output P, n · d
-        return cfg.n * spec.hidden
+        return cfg.n * spec.embed_dim
 
     def inject(self, backbone, cfg):
         spec = backbone.spec
         injection = PTuningInjection(backbone, self, cfg)
-        encoder = PromptEncoder(cfg.n, spec.hidden, self.width(cfg, spec), cfg.encoder)
+        encoder = PromptEncoder(cfg.n, spec.embed_dim, self.width(cfg, spec), cfg.encoder)
         encoder.to(backbone.embeddings().weight.device)
         injection.encoder = injection.attach(backbone.base_model, "prompt_encoder", encoder)
         attach_input_prompt(injection, encoder, cfg.n)
@@ -135,7 +135,7 @@ class PTuning(peftbench.Method):
         cfg, spec = injection.config, injection.backbone.spec
         with torch.no_grad():
             prompt = injection.encoder().detach().clone()  # (n, d): the kept P once finalized
-        config = {"peft_type": "P_TUNING", "num_virtual_tokens": cfg.n, "token_dim": spec.hidden,
+        config = {"peft_type": "P_TUNING", "num_virtual_tokens": cfg.n, "token_dim": spec.embed_dim,
                   "num_transformer_submodules": 1, "num_attention_heads": spec.heads, "num_layers": spec.layers,
                   "encoder_reparameterization_type": cfg.encoder.upper(), "encoder_hidden_size": self.width(cfg, spec),
                   "encoder_num_layers": 2, "encoder_dropout": 0.0}

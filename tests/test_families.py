@@ -35,7 +35,7 @@ from peftbench_plugins import layout_inference
 
 REGISTRY = peftbench.get_registry()
 METHODS = ("lora", "houlsby", "ptuning_v2")
-KNOBS = {"lora": (1, 3), "houlsby": (1, 4), "ptuning_v2": (1, 3)}
+KNOBS = {"lora": (1, 3), "houlsby": (1, 4), "ptuning_v2": (1, 3), "prompt": (1, 3), "ptuning": (1, 3)}
 PREFIXED = tuple(f for f in FAMILIES if f != "deberta-v2")  # families whose attention takes a kv prefix
 
 
@@ -214,6 +214,15 @@ def test_methods_count_train_and_remove(family, method):
         assert backbone.count_trainable() == 0 and all(torch.equal(v, state[k]) for k, v in
                                                        snapshot(backbone.model).items())
         return
+    check_method(backbone, method)
+
+
+@pytest.mark.parametrize("method", ["prompt", "ptuning"])
+def test_input_prompts_take_the_embeddings_width(method):
+    """ELECTRA's embeddings (16 wide here, 128 in ELECTRA-small) are projected up to its blocks (32):
+    a soft prompt lives in the embeddings' width, and its closed form counts that width."""
+    backbone = build("electra")
+    assert (backbone.spec.embed_dim, backbone.spec.hidden) == (16, 32)
     check_method(backbone, method)
 
 

@@ -47,6 +47,8 @@ class BackboneSpec:
     norm_params: dict[str, int] = field(default_factory=dict)
     #: parameters of one transformer block
     layer_params: int = 0
+    #: width of the input embeddings: ``hidden`` except where a family projects them up (ELECTRA-small: 128 -> 256)
+    embed_dim: int = 0
 
     @property
     def kv_dim(self) -> int:
@@ -268,6 +270,7 @@ class Backbone:
             site_shapes=site_shapes,
             norm_params=norm_params,
             layer_params=sum(logical_numel(p) for p in block.parameters()),
+            embed_dim=int(self.embeddings().weight.shape[-1]),
         )
 
     def __repr__(self) -> str:
