@@ -75,6 +75,9 @@ class AdapterLoRA(peftbench.Method):
         names = target_names(self.name, cfg.targets, spec)
         return spec.layers * adapter_params(cfg.m, spec.hidden) + lora_params(self.rank(cfg, spec), names, spec)
 
+    def identity_at_init(self, cfg):
+        return True  # the adapter's up-projection and LoRA's B start at zero
+
     # -- building --------------------------------------------------------------------------
     def inject(self, backbone, cfg):
         spec = backbone.spec

@@ -289,6 +289,9 @@ class _BottleneckMethod(peftbench.Method):
     def knob_range(self, cfg, spec):
         return 1, spec.hidden
 
+    def identity_at_init(self, cfg):
+        return cfg.init == "zeros"  # a zero up-projection adds nothing until trained ("normal": near identity)
+
     def with_knob(self, cfg, value):
         # the solver's m replaces a reduction_factor (setting both is otherwise an error)
         return self.config(cfg, m=int(value), reduction_factor=None)

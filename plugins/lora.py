@@ -354,6 +354,9 @@ class LoRA(peftbench.Method):
 
     mergeable = True  # merge() folds (alpha / r) B A into each target's weight: nothing else remains
 
+    def identity_at_init(self, cfg):
+        return True  # B starts at zero: the update is zero until trained
+
     def inject(self, backbone, cfg):
         injection = LoRAInjection(backbone, self, cfg)
         add_lora(injection, target_names(self.name, cfg.targets, backbone.spec), cfg.r, cfg.alpha, cfg.dropout)

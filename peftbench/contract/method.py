@@ -136,6 +136,12 @@ class Method:
         """Candidates for ``secondary``, largest first (the solver takes the largest that reaches)."""
         return []
 
+    def identity_at_init(self, cfg: MethodConfig) -> bool:
+        """True when the model injected with ``cfg`` computes exactly what the bare backbone does until
+        it is trained (LoRA's zero B, a bottleneck's zero up-projection, methods that only unfreeze);
+        ``peftbench.testing`` then checks it. Default: False (nothing is promised)."""
+        return False
+
     def check(self, cfg: MethodConfig, spec: "BackboneSpec") -> None:
         """Raise ConfigError when ``cfg`` cannot be built on ``spec`` (knob out of range ...)."""
         if self.knob is None:
