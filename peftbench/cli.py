@@ -72,10 +72,12 @@ def cmd_plugins(args) -> int:
 
 # -- solve ---------------------------------------------------------------------------------
 def solve_methods(reg, backbone_name: str, methods: list[str], budget: str, verify_counts: bool = True, task: str = "classification"):
-    """Solve every method's knob for the budget; with ``verify_counts``, measure each on the real backbone."""
+    """Solve every method's knob for the budget; with ``verify_counts``, apply each to the real backbone:
+    counted, and one forward and backward pass run (``peftbench.contract.exercise``)."""
     from peftbench.backbones.backbone import load_backbone, spec_for
     from peftbench.budget import parse_budget, solve, solved_config
-    from peftbench.contract.apply import measure
+    from peftbench.contract.exercise import exercise
+    from peftbench.errors import VerificationError
 
     parsed = parse_budget(budget)
     names = [reg.canonical(m) for m in methods]
@@ -88,8 +90,11 @@ def solve_methods(reg, backbone_name: str, methods: list[str], budget: str, veri
         backbone = load_backbone(backbone_name, task=task, registry=reg)
         for method, sol in solutions:
             cfg = solved_config(method, method.config(), sol)
-            sol.measured = measure(method, backbone, cfg)  # applied (config checked), counted, removed
-            sol.verified = sol.measured == sol.params
+            try:
+                sol.measured = exercise(method, backbone, cfg)  # applied (config checked), counted, run, removed
+                sol.verified = sol.measured == sol.params
+            except VerificationError as exc:  # it did not run: the note says why (after any budget note)
+                sol.verified, sol.note = False, "; ".join(n for n in (sol.note, str(exc)) if n)
     return spec, solutions
 
 
@@ -108,15 +113,17 @@ def cmd_solve(args) -> int:
         if sol.verified is None:
             verified = "not checked"
         else:
-            verified = "yes" if sol.verified else f"NO (measured {sol.measured:,})"
+            verified = "yes" if sol.verified else (f"NO (measured {sol.measured:,})" if sol.measured is not None
+                                                   else "NO (failed to run)")
         knob = f"{sol.knob}={sol.value}" if sol.knob else "—"
         if sol.target is None:
             err = "budget n/a"
         elif not sol.reachable:
             err = "not reachable"
-            notes.append(f"{method.name}: {sol.note}")
         else:
             err = f"{100 * sol.rel_error:+.2f}%"
+        if sol.note and (not sol.reachable or sol.verified is False):
+            notes.append(f"{method.name}: {sol.note}")
         rows.append([method.name, knob, f"{sol.params:,}", f"{100 * sol.achieved:.3f}%", err, f"{sol.stored:,}", verified])
     print(_table(["method", "knob", "trainable params", "achieved %", "rel. error", "stored params", "verified"], rows))
     for note in notes:
