@@ -31,6 +31,8 @@ def _registry(args):
 # -- methods / plugins ---------------------------------------------------------------------
 def cmd_methods(args) -> int:
     reg = _registry(args)
+    if getattr(args, "name", None):
+        return _method_view(reg, args.name, args.json)
     items = []
     for name in sorted(reg.methods):
         entry = reg.methods[name]
@@ -40,6 +42,25 @@ def cmd_methods(args) -> int:
         return 0
     rows = [[i["name"], i["knob"] or "—", ", ".join(i["aliases"]) or "—", i["inserts"], i["plugin"]] for i in items]
     print(_table(["method", "knob", "aliases", "inserts", "plugin"], rows))
+    return 0
+
+
+def _method_view(reg, name: str, as_json: bool) -> int:
+    """``peftbench methods NAME``: one method's attributes and its config fields."""
+    canonical = reg.canonical(name)
+    entry = reg.methods[canonical]
+    item = {**entry.obj.describe(), "aliases": list(entry.aliases), "plugin": entry.plugin}
+    if as_json:
+        print(json.dumps(item, indent=2))
+        return 0
+    print(f"{item['name']} (plugin {item['plugin']}): {item['inserts']}")
+    for key in ("knob", "aliases", "budgeted", "mergeable", "default_lr", "schedule_lr", "in_default_grid", "reference"):
+        value = item[key]
+        print(f"  {key}: {(', '.join(value) or '—') if isinstance(value, list) else value}")
+    rows = [[f["name"] + (" (knob)" if f["knob"] else ""), f["type"], json.dumps(f["default"]), f["description"] or "—"]
+            for f in item["config"]]
+    print("\nconfig fields (set them in a suite: methods: [{name: NAME, config: {FIELD: VALUE}}]):\n")
+    print(_table(["field", "type", "default", "description"], rows) if rows else "  (none)")
     return 0
 
 
@@ -147,8 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_global_options(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("methods", help="list registered methods, their knobs and plugins")
-    p.add_argument("--json", action="store_true", help="one JSON object per method")
+    p = sub.add_parser("methods", help="list registered methods, their knobs and plugins; NAME: one method's config fields")
+    p.add_argument("name", nargs="?", metavar="NAME", help="show one method: its attributes and config fields "
+                   "(type, default, description)")
+    p.add_argument("--json", action="store_true", help="one JSON object per method (with its config fields)")
     p.set_defaults(func=cmd_methods)
 
     p = sub.add_parser("plugins", help="list loaded plugins and what they register")

@@ -44,7 +44,7 @@ class LoRA(peftbench.Method):
         r: int = Field(8, ge=1, description="rank of B A")
         alpha: float = Field(16.0, gt=0, description="scaling numerator: the update is (alpha / r) B A")
         dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the LoRA path's input")
-        targets: list[str] | Literal["all-linear"] = Field(default_factory=lambda: ["q", "v"])
+        targets: list[str] | Literal["all-linear"] = Field(default_factory=lambda: ["q", "v"], description="linear sites to adapt (q, k, v, attn_out, ffn_in, ffn_gate, ffn_out) or all-linear")
 
         _targets = field_validator("targets", mode="before")(validate_targets)
 
