@@ -98,7 +98,6 @@ def solve_methods(reg, backbone_name: str, methods: list[str], budget: str, veri
     from peftbench.backbones.backbone import load_backbone, spec_for
     from peftbench.budget import parse_budget, solve, solved_config
     from peftbench.contract.exercise import exercise
-    from peftbench.errors import VerificationError
 
     parsed = parse_budget(budget)
     names = [reg.canonical(m) for m in methods]
@@ -111,11 +110,10 @@ def solve_methods(reg, backbone_name: str, methods: list[str], budget: str, veri
         backbone = load_backbone(backbone_name, task=task, registry=reg)
         for method, sol in solutions:
             cfg = solved_config(method, method.config(), sol)
-            try:
-                sol.measured = exercise(method, backbone, cfg)  # applied (config checked), counted, run, removed
-                sol.verified = sol.measured == sol.params
-            except VerificationError as exc:  # it did not run: the note says why (after any budget note)
-                sol.verified, sol.note = False, "; ".join(n for n in (sol.note, str(exc)) if n)
+            sol.measured, failure = exercise(method, backbone, cfg)  # applied (config checked), counted, run, removed
+            sol.verified = sol.measured == sol.params and not failure
+            if failure:  # it did not run: the note says why (after any budget note)
+                sol.note = "; ".join(n for n in (sol.note, failure) if n)
     return spec, solutions
 
 
@@ -134,7 +132,7 @@ def cmd_solve(args) -> int:
         if sol.verified is None:
             verified = "not checked"
         else:
-            verified = "yes" if sol.verified else (f"NO (measured {sol.measured:,})" if sol.measured is not None
+            verified = "yes" if sol.verified else (f"NO (measured {sol.measured:,})" if sol.measured != sol.params
                                                    else "NO (failed to run)")
         knob = f"{sol.knob}={sol.value}" if sol.knob else "—"
         if sol.target is None:

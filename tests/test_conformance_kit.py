@@ -205,3 +205,32 @@ class TestScaleConformance(MethodConformance):
 
 def test_the_conformance_class_covers_every_check():
     assert set(CHECKS) == {"count", "gradients", "identity", "remove", "save_load", "merge", "monotone", "train"}
+
+
+def test_the_pytest_plugin_runs_a_conformance_class_on_a_real_backbone(tmp_path):
+    """What a third party's test run looks like: one test per check and architecture, and the real
+    backbone named on the command line (``--peftbench-real``, from the peftbench pytest plugin)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "test_third_party.py").write_text(
+        "import torch\n"
+        "from peftbench.testing import MethodConformance\n\n"
+        "torch.set_num_threads(1)\n\n\n"
+        "class TestLoRA(MethodConformance):\n"
+        "    method = 'lora'\n"
+        "    architectures = ('gpt2',)\n"
+        "    checks = ('count', 'remove')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(peftbench.__file__).parents[1]), *sys.path]),
+           "OMP_NUM_THREADS": "1"}
+    # the plugin by module (a checkout); its entry point (an installed peftbench) blocked so it loads once
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:peftbench",
+                          "-p", "peftbench.testing.pytest_plugin", "--peftbench-real", "minilm", "-rA",
+                          str(tmp_path / "test_third_party.py")], capture_output=True, text=True, env=env,
+                         cwd=tmp_path, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    passed = sorted(line.split("::")[-1] for line in run.stdout.splitlines() if line.startswith("PASSED"))
+    assert passed == ["test_check[count-gpt2-causal_lm]", "test_check[count-gpt2]", "test_check[remove-gpt2]",
+                      "test_real[minilm]"], run.stdout[-2000:]

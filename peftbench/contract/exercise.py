@@ -5,7 +5,7 @@ method's name, rather than in the first training step."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
@@ -40,16 +40,25 @@ def short_batch(backbone: "Backbone") -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def exercise(method: "Method", backbone: "Backbone", cfg: "dict[str, Any] | MethodConfig | None" = None) -> int:
-    """Apply ``method`` (config checked, counted, not compared), run one forward and backward pass on
-    ``short_batch``, remove it; return the trainable parameters it made. VerificationError, naming the
-    method and its knob, when the pass raises, the loss is not finite, or no gradient reaches the
-    method's parameters (a method that trains some). The backbone is left as it was."""
+class Exercised(NamedTuple):
+    """What ``exercise`` found: the trainable parameters the method made, and why its pass failed
+    ("" when it ran: a finite loss, and a gradient on the method's parameters)."""
+
+    measured: int
+    failure: str = ""
+
+
+def exercise(method: "Method", backbone: "Backbone", cfg: "dict[str, Any] | MethodConfig | None" = None) -> Exercised:
+    """Apply ``method`` (config checked, counted, not compared: the caller compares), run one forward
+    and backward pass on ``short_batch``, remove it. The failure, naming the method and its knob, says
+    whether the pass raised, the loss was not finite, or no gradient reached the method's parameters
+    (a method that trains some). The backbone is left as it was."""
     injection = apply(method, backbone, cfg, verify=False)
     cfg = injection.config
     knob = f" ({method.knob}={method.knob_value(cfg)})" if method.knob else ""
     where = f"method {method.name!r}{knob}: one forward and backward pass on {backbone.spec.name}"
     was_training = backbone.model.training
+    failure = ""
     try:
         backbone.model.train()
         try:
@@ -66,8 +75,10 @@ def exercise(method: "Method", backbone: "Backbone", cfg: "dict[str, Any] | Meth
         own = [p for p in injection.named_parameters().values() if p.requires_grad]
         if own and not any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in own):
             raise VerificationError(f"{where}: no gradient reaches the method's {len(own)} parameter tensors")
+    except VerificationError as exc:
+        failure = str(exc)
     finally:
         backbone.model.zero_grad(set_to_none=True)
         backbone.model.train(was_training)
         injection.remove()
-    return injection.trainable_params
+    return Exercised(injection.trainable_params, failure)

@@ -119,7 +119,7 @@ class MethodConformance:
             metafunc.parametrize("peftbench_case", cases, ids=ids)
         if "peftbench_real" in metafunc.fixturenames:
             option = getattr(metafunc.config.option, "peftbench_real", None) or []
-            names = [*self.real_backbones, *option]
+            names = list(dict.fromkeys([*self.real_backbones, *option]))
             metafunc.parametrize("peftbench_real", names or [None], ids=names or ["none"])
 
     def test_check(self, peftbench_case):

@@ -1,5 +1,5 @@
 """The peftbench pytest plugin (entry point ``pytest11: peftbench``, loaded by pytest whenever
-peftbench is installed; or ``-p peftbench.testing.pytest_plugin``).
+peftbench is installed; from a checkout that is not installed: ``-p peftbench.testing.pytest_plugin``).
 
 - ``--peftbench-real NAME`` (repeatable): ``MethodConformance.test_real`` also runs on that real
   backbone (``minilm``, ``smollm2``, a folder or a hub id);
