@@ -197,6 +197,24 @@ def test_a_failing_check_names_every_backbone_it_failed_on():
         check_method(KeyLoRA(), archs=["bert"], checks=["nope"], registry=REGISTRY)
 
 
+class GateScale(Scale):
+    """Needs a gated FFN (LLaMA's ffn_gate): refuses the other architectures, as it should, clearly."""
+
+    name = "gate_scale"
+
+    def check(self, cfg, spec):
+        if "ffn_gate" not in spec.site_shapes:
+            raise peftbench.ConfigError(f"method {self.name!r}: {spec.name} has no site 'ffn_gate'")
+        super().check(cfg, spec)
+
+
+def test_a_backbone_the_method_refuses_clearly_is_left_out_not_failed():
+    assert check_method(GateScale(), archs=["bert", "llama"], registry=REGISTRY) == [
+        "tiny-llama/classification", "tiny-llama/causal_lm"]
+    with pytest.raises(ConformanceError, match="(?s)refuses every backbone.*refuses tiny-bert .*no site 'ffn_gate'"):
+        check_method(GateScale(), archs=["bert", "gpt2"], registry=REGISTRY)
+
+
 class TestScaleConformance(MethodConformance):
     """How a third party uses the kit: every check, every registered architecture."""
 

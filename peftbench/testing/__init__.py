@@ -17,6 +17,7 @@ The checks are described in ``peftbench.testing.checks``; the pytest plugin (opt
 from peftbench.testing.checks import (
     CHECKS,
     ConformanceError,
+    NotApplicable,
     check_count,
     check_gradients,
     check_identity,
@@ -41,7 +42,7 @@ from peftbench.testing.conformance import (
 from peftbench.testing.tiny import labels_for, real_batch, tiny_backbone, tiny_batch, tiny_config
 
 __all__ = [
-    "CAUSAL_LM_CHECKS", "CHECKS", "ConformanceError", "MethodConformance", "architectures", "check_backbone",
+    "CAUSAL_LM_CHECKS", "CHECKS", "ConformanceError", "MethodConformance", "NotApplicable", "architectures", "check_backbone",
     "check_count", "check_gradients", "check_identity", "check_merge", "check_method", "check_monotone",
     "check_remove", "check_save_load", "check_train", "configured", "knob_values", "labels_for", "perturb",
     "real_batch", "run_check", "structure", "tiny_backbone", "tiny_batch", "tiny_config",

@@ -3,20 +3,18 @@
 broke. Every check leaves the backbone as it found it (the injection is removed).
 
 What each one holds a method to (``CHECKS`` lists them in order):
-- ``count``: ``param_count`` equals the parameters requiring grad after ``apply`` (head
-  excluded), and the injection's own parameters account for all of them;
-- ``gradients``: a backward pass reaches only the method's parameters and the task head, one of
-  the method's at least, and an optimiser step leaves every frozen tensor bit for bit;
-- ``identity``: where ``method.identity_at_init(cfg)`` says so, the injected model's outputs
-  equal the bare backbone's;
+- ``count``: ``param_count`` equals the parameters requiring grad after ``apply`` (head excluded),
+  all of them the injection's own;
+- ``gradients``: a backward pass reaches only the method's parameters (one at least) and the head,
+  and an optimiser step leaves every frozen tensor bit for bit;
+- ``identity``: where ``method.identity_at_init(cfg)``, outputs equal the bare backbone's;
 - ``remove``: after a forward, ``remove()`` restores every tensor bit for bit, every
   ``requires_grad`` flag, module and attribute, and leaves no hook and no attention-function change;
 - ``save_load``: saved and loaded onto a fresh copy of the backbone, the injection reproduces the
   outputs exactly, and the file holds only the method's tensors and the head;
 - ``merge``: where ``method.mergeable``, merged outputs equal unmerged ones, and ``unmerge``
   brings the unmerged outputs back;
-- ``monotone``: ``param_count`` never decreases as the knob grows (the budget solver's bisection
-  needs it); arithmetic on the spec, no model;
+- ``monotone``: ``param_count`` never decreases as the knob grows (the solver's bisection needs it);
 - ``train``: one optimiser step on a fixed batch lowers the loss.
 """
 
@@ -39,6 +37,11 @@ from peftbench.testing.tiny import labels_for, tiny_batch
 
 class ConformanceError(AssertionError):
     """A method broke the contract: the message names the method, the backbone, the check and the cause."""
+
+
+class NotApplicable(Exception):
+    """The method refuses this backbone with a clear ConfigError (from ``check`` or its config): the
+    checks do not apply there. ``check_method`` then needs another backbone that it accepts."""
 
 
 def _fail(check: str, method, backbone, cfg, detail: str):

@@ -4,7 +4,8 @@ optionally a real backbone. ``MethodConformance`` turns that into pytest tests."
 
 from __future__ import annotations
 
-from peftbench.testing.checks import CHECKS, ConformanceError, run_check
+from peftbench.errors import ConfigError
+from peftbench.testing.checks import CHECKS, ConformanceError, NotApplicable, run_check
 from peftbench.testing.tiny import tiny_backbone
 
 #: the checks run on a causal-LM head too (decoders): counts, gradients and a training step
@@ -40,7 +41,12 @@ def architectures(registry=None) -> list[str]:
 
 def check_backbone(method, backbone, cfg=None, checks=None) -> None:
     """Run ``checks`` (default: every one of ``CHECKS``; only ``CAUSAL_LM_CHECKS`` on a causal LM)
-    of ``method`` at ``cfg`` on ``backbone``; ``count`` at each of ``knob_values``."""
+    of ``method`` at ``cfg`` on ``backbone``; ``count`` at each of ``knob_values``. NotApplicable when
+    the method refuses the backbone with a ConfigError (a site it needs is missing ...)."""
+    try:
+        method.check(configured(method, backbone.spec, cfg), backbone.spec)
+    except ConfigError as exc:
+        raise NotApplicable(f"method {method.name!r} refuses {backbone.spec.name} ({backbone.task}): {exc}") from exc
     default = CAUSAL_LM_CHECKS if backbone.task == "causal_lm" else tuple(CHECKS)
     for name in checks or default:
         if name == "count":
@@ -54,11 +60,12 @@ def check_method(method, *, registry=None, archs=None, cfg=None, checks=None, re
     """Every check of ``method`` on the tiny backbone of each of ``archs`` (default: every registered
     architecture), decoders also as causal LMs, and on the real backbones named in ``real`` (e.g.
     ``["minilm"]``, loaded with ``peftbench.load_backbone``). Raises ``ConformanceError`` listing every
-    failure; returns what passed, as ``"<backbone>/<task>"``."""
+    failure, or when the method refuses every backbone; returns what passed, as ``"<backbone>/<task>"``
+    (backbones the method refuses with a ConfigError are left out)."""
     import peftbench
 
     registry = registry if registry is not None else peftbench.get_registry()
-    done, failures = [], []
+    done, failures, refused = [], [], []
     cases = [(arch, "classification") for arch in (archs or architectures(registry))]
     cases += [(arch, "causal_lm") for arch, _ in list(cases) if registry.architectures[arch].obj.causal]
     backbones = [(lambda a=arch, t=task: tiny_backbone(a, t, registry=registry)) for arch, task in cases]
@@ -70,8 +77,12 @@ def check_method(method, *, registry=None, archs=None, cfg=None, checks=None, re
             done.append(f"{backbone.spec.name}/{backbone.task}")
         except ConformanceError as exc:
             failures.append(str(exc))
+        except NotApplicable as exc:
+            refused.append(str(exc))
     if failures:
         raise ConformanceError("\n".join(failures))
+    if not done:
+        raise ConformanceError("\n".join(["the method refuses every backbone it was given:", *refused]))
     return done
 
 
@@ -123,9 +134,14 @@ class MethodConformance:
             metafunc.parametrize("peftbench_real", names or [None], ids=names or ["none"])
 
     def test_check(self, peftbench_case):
+        import pytest
+
         check, arch, task = peftbench_case
         backbone = tiny_backbone(arch, task, registry=self.registry)
-        check_backbone(self._method(), backbone, self.config, [check])
+        try:
+            check_backbone(self._method(), backbone, self.config, [check])
+        except NotApplicable as exc:
+            pytest.skip(str(exc))
 
     def test_real(self, peftbench_real):
         import pytest
@@ -135,4 +151,7 @@ class MethodConformance:
         if peftbench_real is None:
             pytest.skip("no real backbone named (--peftbench-real NAME or the real_backbones attribute)")
         backbone = peftbench.load_backbone(peftbench_real, registry=self.registry or peftbench.get_registry())
-        check_backbone(self._method(), backbone, self.config, ["count", "gradients", "remove", "train"])
+        try:
+            check_backbone(self._method(), backbone, self.config, ["count", "gradients", "remove", "train"])
+        except NotApplicable as exc:
+            pytest.skip(str(exc))
