@@ -42,7 +42,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     reexec_with_malloc_settings()  # glibc's default thresholds turn fresh (N, d) outputs into page faults
     torch.set_num_threads(args.threads)
-    from peftbench_plugins.lora import LoRALinear, _FusedLoRA
+    from peftbench.blocks.lora_linear import LoRALinear, _FusedLoRA
 
     torch.manual_seed(0)
     base = nn.Linear(args.d_in, args.d_out).requires_grad_(False)

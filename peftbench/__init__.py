@@ -33,6 +33,7 @@ from peftbench.backbones import quant
 from peftbench.backbones.quant import logical_numel
 from peftbench.tasks.resolve import packaged_data
 from peftbench.tasks.task import Task
+from peftbench import blocks  # public building blocks for methods: the LoRA linear, target helpers
 
 
 def get_task(spec: str, registry=None, **options) -> Task:
@@ -50,7 +51,7 @@ __all__ = [
     "SITE_NAMES", "Site", "Solution", "TASK_KINDS", "VerificationError", "apply", "from_config", "get_registry",
     "hookimpl", "hookspec", "is_conv1d", "linear_shape", "load_backbone", "load_injection", "logical_numel",
     "measure", "parse_budget", "quant", "solve", "solve_or_raise", "spec_for",
-    "Task", "get_task", "packaged_data", "load", "Model",
+    "Task", "get_task", "packaged_data", "load", "Model", "blocks",
 ]
 
 

@@ -151,8 +151,12 @@ def _solve_knob(method, cfg, spec, budget: Budget | str | None) -> Solution:
     if lo > hi:
         raise BudgetError(f"method {method.name!r} has no valid {method.knob} on {spec.name}")
 
+    probed: dict[int, int] = {}
+
     def count(k: int) -> int:
-        return method.param_count(method.with_knob(cfg, k), spec)
+        if k not in probed:
+            probed[k] = method.param_count(method.with_knob(cfg, k), spec)
+        return probed[k]
 
     c_lo, c_hi = count(lo), count(hi)
     # binary search: the smallest k with count(k) >= target
@@ -178,8 +182,22 @@ def _solve_knob(method, cfg, spec, budget: Budget | str | None) -> Solution:
         f"with {method.knob} in {lo}..{hi}; nearest feasible: {method.knob}={best} ({params:,} params)"
     )
     step = count(best + 1) - params if best < hi else (params - count(best - 1) if best > lo else None)
+    broken = not_monotone(method, probed)
+    if broken:
+        reachable, note = False, broken
     return Solution(method.name, method.knob, best, params, method.stored_count(best_cfg, spec), target,
                     spec.base_params, reachable, c_lo, c_hi, lo, hi, note=note, step=step)
+
+
+def not_monotone(method, counts: dict[int, int]) -> str:
+    """Why the counts at the knob values the solver probed break its premise (non-decreasing in the
+    knob), or "" when they do not."""
+    ordered = sorted(counts.items())
+    for (a, ca), (b, cb) in zip(ordered, ordered[1:]):
+        if cb < ca:
+            return (f"param_count of {method.name} is not monotone in {method.knob}: {method.knob}={a} gives {ca:,} "
+                    f"params but {method.knob}={b} gives {cb:,}; the solver needs it non-decreasing in the knob")
+    return ""
 
 
 def solved_config(method, cfg, sol: Solution):

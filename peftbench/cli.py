@@ -31,6 +31,8 @@ def _registry(args):
 # -- methods / plugins ---------------------------------------------------------------------
 def cmd_methods(args) -> int:
     reg = _registry(args)
+    if getattr(args, "name", None):
+        return _method_view(reg, args.name, args.json)
     items = []
     for name in sorted(reg.methods):
         entry = reg.methods[name]
@@ -40,6 +42,25 @@ def cmd_methods(args) -> int:
         return 0
     rows = [[i["name"], i["knob"] or "—", ", ".join(i["aliases"]) or "—", i["inserts"], i["plugin"]] for i in items]
     print(_table(["method", "knob", "aliases", "inserts", "plugin"], rows))
+    return 0
+
+
+def _method_view(reg, name: str, as_json: bool) -> int:
+    """``peftbench methods NAME``: one method's attributes and its config fields."""
+    canonical = reg.canonical(name)
+    entry = reg.methods[canonical]
+    item = {**entry.obj.describe(), "aliases": list(entry.aliases), "plugin": entry.plugin}
+    if as_json:
+        print(json.dumps(item, indent=2))
+        return 0
+    print(f"{item['name']} (plugin {item['plugin']}): {item['inserts']}")
+    for key in ("knob", "aliases", "budgeted", "mergeable", "default_lr", "schedule_lr", "in_default_grid", "reference"):
+        value = item[key]
+        print(f"  {key}: {(', '.join(value) or '—') if isinstance(value, list) else value}")
+    rows = [[f["name"] + (" (knob)" if f["knob"] else ""), f["type"], json.dumps(f["default"]), f["description"] or "—"]
+            for f in item["config"]]
+    print("\nconfig fields (set them in a suite: methods: [{name: NAME, config: {FIELD: VALUE}}]):\n")
+    print(_table(["field", "type", "default", "description"], rows) if rows else "  (none)")
     return 0
 
 
@@ -72,10 +93,11 @@ def cmd_plugins(args) -> int:
 
 # -- solve ---------------------------------------------------------------------------------
 def solve_methods(reg, backbone_name: str, methods: list[str], budget: str, verify_counts: bool = True, task: str = "classification"):
-    """Solve every method's knob for the budget; with ``verify_counts``, measure each on the real backbone."""
+    """Solve every method's knob for the budget; with ``verify_counts``, apply each to the real backbone:
+    counted, and one forward and backward pass run (``peftbench.contract.exercise``)."""
     from peftbench.backbones.backbone import load_backbone, spec_for
     from peftbench.budget import parse_budget, solve, solved_config
-    from peftbench.contract.apply import measure
+    from peftbench.contract.exercise import exercise
 
     parsed = parse_budget(budget)
     names = [reg.canonical(m) for m in methods]
@@ -88,8 +110,10 @@ def solve_methods(reg, backbone_name: str, methods: list[str], budget: str, veri
         backbone = load_backbone(backbone_name, task=task, registry=reg)
         for method, sol in solutions:
             cfg = solved_config(method, method.config(), sol)
-            sol.measured = measure(method, backbone, cfg)  # applied (config checked), counted, removed
-            sol.verified = sol.measured == sol.params
+            sol.measured, failure = exercise(method, backbone, cfg)  # applied (config checked), counted, run, removed
+            sol.verified = sol.measured == sol.params and not failure
+            if failure:  # it did not run: the note says why (after any budget note)
+                sol.note = "; ".join(n for n in (sol.note, failure) if n)
     return spec, solutions
 
 
@@ -108,15 +132,17 @@ def cmd_solve(args) -> int:
         if sol.verified is None:
             verified = "not checked"
         else:
-            verified = "yes" if sol.verified else f"NO (measured {sol.measured:,})"
+            verified = "yes" if sol.verified else (f"NO (measured {sol.measured:,})" if sol.measured != sol.params
+                                                   else "NO (failed to run)")
         knob = f"{sol.knob}={sol.value}" if sol.knob else "—"
         if sol.target is None:
             err = "budget n/a"
         elif not sol.reachable:
             err = "not reachable"
-            notes.append(f"{method.name}: {sol.note}")
         else:
             err = f"{100 * sol.rel_error:+.2f}%"
+        if sol.note and (not sol.reachable or sol.verified is False):
+            notes.append(f"{method.name}: {sol.note}")
         rows.append([method.name, knob, f"{sol.params:,}", f"{100 * sol.achieved:.3f}%", err, f"{sol.stored:,}", verified])
     print(_table(["method", "knob", "trainable params", "achieved %", "rel. error", "stored params", "verified"], rows))
     for note in notes:
@@ -140,8 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_global_options(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("methods", help="list registered methods, their knobs and plugins")
-    p.add_argument("--json", action="store_true", help="one JSON object per method")
+    p = sub.add_parser("methods", help="list registered methods, their knobs and plugins; NAME: one method's config fields")
+    p.add_argument("name", nargs="?", metavar="NAME", help="show one method: its attributes and config fields "
+                   "(type, default, description)")
+    p.add_argument("--json", action="store_true", help="one JSON object per method (with its config fields)")
     p.set_defaults(func=cmd_methods)
 
     p = sub.add_parser("plugins", help="list loaded plugins and what they register")

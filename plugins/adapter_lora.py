@@ -45,10 +45,10 @@ class AdapterLoRA(peftbench.Method):
     class Config(peftbench.MethodConfig):
         m: int = Field(16, ge=1, description="bottleneck width of the adapter path (the knob)")
         split: float = Field(0.5, gt=0.0, lt=1.0, description="fraction of the parameters in the adapter path")
-        non_linearity: NonLinearity = "relu"
+        non_linearity: NonLinearity = Field("relu", description="activation inside the adapter's bottleneck")
         alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator: (alpha / r) B A")
         dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the LoRA path's input")
-        targets: list[str] | Literal["all-linear"] = Field(default_factory=lambda: ["q", "v"])
+        targets: list[str] | Literal["all-linear"] = Field(default_factory=lambda: ["q", "v"], description="linear sites to adapt (q, k, v, attn_out, ffn_in, ffn_gate, ffn_out) or all-linear")
 
         _targets = field_validator("targets", mode="before")(validate_targets)
 
@@ -74,6 +74,9 @@ class AdapterLoRA(peftbench.Method):
         self.check(cfg, spec)
         names = target_names(self.name, cfg.targets, spec)
         return spec.layers * adapter_params(cfg.m, spec.hidden) + lora_params(self.rank(cfg, spec), names, spec)
+
+    def identity_at_init(self, cfg):
+        return True  # the adapter's up-projection and LoRA's B start at zero
 
     # -- building --------------------------------------------------------------------------
     def inject(self, backbone, cfg):

@@ -26,6 +26,9 @@ class Full(peftbench.Method):
     budgeted = False
     mergeable = True  # it trains the backbone's own weights: the trained model is a plain checkpoint
 
+    def identity_at_init(self, cfg):
+        return True  # it adds nothing, it unfreezes
+
     def param_count(self, cfg, spec) -> int:
         return spec.base_params  # the whole backbone, head excluded
 
@@ -57,6 +60,9 @@ class Head(peftbench.Method):
     budgeted = False
     mergeable = True  # only the head changes: a plain checkpoint
 
+    def identity_at_init(self, cfg):
+        return True  # it adds nothing
+
     def param_count(self, cfg, spec) -> int:
         return 0
 
@@ -77,6 +83,9 @@ class TopK(peftbench.Method):
     default_lr = 1e-4
     in_default_grid = False  # optional: run it with --methods ...,topk
     mergeable = True  # it trains the backbone's own weights: the trained model is a plain checkpoint
+
+    def identity_at_init(self, cfg):
+        return True  # it adds nothing, it unfreezes
 
     def knob_range(self, cfg, spec):
         return 1, spec.layers

@@ -247,10 +247,11 @@ def _placement(module: nn.Module) -> dict:
 class BottleneckConfig(peftbench.MethodConfig):
     m: int | None = Field(None, ge=1, description="bottleneck width (the knob); default d // reduction_factor")
     reduction_factor: int | None = Field(None, ge=1, description="m = d // reduction_factor (instead of m)")
-    non_linearity: NonLinearity = "relu"
-    init: Literal["zeros", "normal"] = "zeros"
+    non_linearity: NonLinearity = Field("relu", description="activation inside the bottleneck")
+    init: Literal["zeros", "normal"] = Field("zeros", description="up-projection init: zeros (exact identity at "
+                                             "init) or normal(0, init_scale)")
     init_scale: float = Field(1e-3, gt=0, le=1e-2, description="std of the normal init (Houlsby: robust below 1e-2)")
-    train_layer_norms: bool = False
+    train_layer_norms: bool = Field(False, description="also train the adapted blocks' LayerNorms")
     layers: list[int] | None = Field(None, min_length=1, description="layer indices to adapt; default all")
 
     @model_validator(mode="after")
@@ -263,8 +264,8 @@ class BottleneckConfig(peftbench.MethodConfig):
 
 
 class HoulsbyConfig(BottleneckConfig):
-    non_linearity: NonLinearity = "swish"
-    train_layer_norms: bool = True
+    non_linearity: NonLinearity = Field("swish", description="activation inside the bottleneck")
+    train_layer_norms: bool = Field(True, description="also train the adapted blocks' LayerNorms (Houlsby et al.)")
 
 
 class _BottleneckMethod(peftbench.Method):
@@ -288,6 +289,9 @@ class _BottleneckMethod(peftbench.Method):
 
     def knob_range(self, cfg, spec):
         return 1, spec.hidden
+
+    def identity_at_init(self, cfg):
+        return cfg.init == "zeros"  # a zero up-projection adds nothing until trained ("normal": near identity)
 
     def with_knob(self, cfg, value):
         # the solver's m replaces a reduction_factor (setting both is otherwise an error)

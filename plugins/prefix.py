@@ -131,7 +131,7 @@ class Prefix(peftbench.Method):
     class Config(peftbench.MethodConfig):
         n: int = Field(10, ge=1, description="virtual tokens (prefix length)")
         hidden: int | None = Field(None, ge=1, description="MLP width b; default min(512, hidden size)")
-        reparameterize: bool = True
+        reparameterize: bool = Field(True, description="produce the prefix by an MLP while training (dropped after)")
 
     #: the reparameterisation MLP's width b: at a small budget the solver narrows it (the MLP is
     #: d·b + b·2·L·kv_dim parameters, 8.5% of MiniLM at b = 384) so that the prefix length n fits

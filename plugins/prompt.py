@@ -137,7 +137,8 @@ class Prompt(peftbench.Method):
 
     class Config(peftbench.MethodConfig):
         n: int = Field(20, ge=1, description="virtual tokens (soft prompt length)")
-        init: Literal["vocab", "random"] = "vocab"
+        init: Literal["vocab", "random"] = Field("vocab", description="start from embeddings of random vocabulary "
+                                                  "tokens, or from random vectors")
 
     def knob_range(self, cfg, spec):
         return input_prompt_knob_range(spec)

@@ -85,7 +85,7 @@ class PTuning(peftbench.Method):
 
     class Config(peftbench.MethodConfig):
         n: int = Field(20, ge=1, description="virtual tokens")
-        encoder: Literal["mlp", "lstm"] = "mlp"
+        encoder: Literal["mlp", "lstm"] = Field("mlp", description="the prompt encoder the virtual tokens go through")
         hidden: int | None = Field(None, ge=1, description="encoder width h; default the hidden size d")
 
     #: the prompt encoder's width h: at a small budget the solver narrows it (the MLP encoder is

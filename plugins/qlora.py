@@ -70,6 +70,9 @@ class QLoRA(LoRA):
 
     mergeable = False  # merged into 4-bit weights it is requantised: not the trained function, not a plain checkpoint
 
+    def identity_at_init(self, cfg):
+        return False  # LoRA adds nothing at init, but the 4-bit base differs from the full-precision one
+
     def peft_adapter(self, injection):
         # peft's LoRA on the same 4-bit base: the exporter saves the NF4 layers as they are (bitsandbytes'
         # serialization) under this quantization_config, so transformers loads them without requantising

@@ -8,7 +8,7 @@ import torch
 import peftbench
 from conftest import ARCHS, assert_same_step, batch_for, fused_and_module_steps, tiny_backbone
 from peftbench_plugins.bottleneck import Bottleneck
-from peftbench_plugins.lora import LoRALinear
+from peftbench.blocks import LoRALinear
 
 METHOD = peftbench.get_registry().method("adapter_lora")
 

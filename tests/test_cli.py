@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -79,3 +80,26 @@ def test_parser_lists_every_command():
     text = build_parser().format_help()
     for command in ("methods", "plugins", "solve", "run", "report", "download", "predict", "export"):
         assert command in text
+
+
+def test_methods_list_config_fields_with_type_default_and_description(capsys):
+    assert main(["methods", "--json"]) == 0
+    items = {i["name"]: i for i in json.loads(capsys.readouterr().out)}
+    for name, item in items.items():
+        fields = {f["name"]: f for f in item["config"]}
+        assert set(fields) == set(REGISTRY.method(name).Config.model_fields), name
+        for f in fields.values():
+            assert set(f) == {"name", "type", "default", "description", "knob"}
+            assert f["description"], f"{name}.{f['name']} has no description"
+    lora = {f["name"]: f for f in items["lora"]["config"]}
+    assert lora["r"] == {"name": "r", "type": "int", "default": 8, "description": "rank of B A", "knob": True}
+    assert lora["targets"]["type"] == "list[str] | 'all-linear'" and lora["targets"]["default"] == ["q", "v"]
+    assert {f["name"]: f["type"] for f in items["prefix"]["config"]}["hidden"] == "int | None"
+    assert main(["methods", "prefix-tuning"]) == 0  # one method, by an alias
+    out = capsys.readouterr().out
+    assert out.startswith("prefix (plugin prefix): ")
+    assert re.search(r"\| n \(knob\) +\| int +\| 10 ", out) and "virtual tokens (prefix length)" in out
+    assert main(["methods", "lora", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["config"][0]["name"] == "r"
+    assert main(["methods", "lorra"]) == 2
+    assert "unknown method 'lorra'" in capsys.readouterr().err

@@ -8,7 +8,7 @@ from peft import LoraConfig, get_peft_model
 
 import peftbench
 from conftest import ARCHS, assert_same_step, batch_for, fused_and_module_steps, tiny_backbone
-from peftbench_plugins.lora import LoRALinear, SlicedLoRALinear
+from peftbench.blocks import LoRALinear, SlicedLoRALinear
 
 LORA = peftbench.get_registry().method("lora")
 TARGETS = (["q", "v"], ["q", "k", "v"], "all-linear")
@@ -222,7 +222,7 @@ def test_fused_function_gradcheck(conv1d, slices):
     """Gradients of x, A and B (float64 finite differences), with and without bias and x's gradient."""
     from torch.autograd import gradcheck
 
-    from peftbench_plugins.lora import _FusedLoRA
+    from peftbench.blocks.lora_linear import _FusedLoRA
 
     for bias in (True, False):
         x, w, b, a, bb = _fused_case(conv1d, slices, bias)
@@ -252,7 +252,7 @@ def test_fused_path_equals_module_path(arch):
 def test_no_grad_path_equals_module_path(arch, monkeypatch):
     """Evaluation (no_grad, inference_mode, or nothing that wants a gradient): the autograd-free
     path runs and gives the module path's outputs; with a gradient wanted it is not used."""
-    import peftbench_plugins.lora as lora_module
+    import peftbench.blocks.lora_linear as lora_module
 
     backbone = tiny_backbone(arch)
     batch = batch_for(backbone)

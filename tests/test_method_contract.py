@@ -1,13 +1,7 @@
-"""The contract every registered method keeps, on every tiny architecture (method x arch).
-
-1. param_count == parameters requiring grad after inject (head excluded), several knobs;
-2. only the method's parameters and the head get gradients; frozen weights are
-   bit-identical after an optimiser step;
-3. remove() restores the model bit for bit (state, flags, module types, outputs);
-4. save + load onto a fresh backbone reproduces the trained model's outputs exactly and
-   the file holds only the method's weights and the head;
-5. a few optimiser steps reduce the loss.
-Plus one forward/backward of each method on the real packaged MiniLM and SmolLM2.
+"""The contract every registered method keeps, on every tiny architecture (method x arch), through
+the shipped conformance kit (``peftbench.testing``, whose own tests are in test_conformance_kit.py),
+plus one forward/backward of each method on the real packaged MiniLM and SmolLM2, and ``apply``'s
+template (config checked, frozen, injected, counted, removed on a failed count).
 """
 
 from __future__ import annotations
@@ -16,54 +10,13 @@ import re
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import peftbench
-from conftest import ARCHS, batch_for, tiny_backbone
+from conftest import ARCHS, DECODERS, tiny_backbone
+from peftbench.testing import check_backbone
 
 REGISTRY = peftbench.get_registry()
 METHODS = sorted(REGISTRY.methods)
-
-
-def knob_values(method, spec) -> list[int | None]:
-    if method.knob is None:
-        return [None]
-    lo, hi = method.knob_range(method.config(), spec)
-    return sorted({lo, min(lo + 1, hi), min(lo + 3, hi)})
-
-
-def configured(method, spec, value=None):
-    cfg = method.config()
-    if method.knob is None:
-        return cfg
-    values = knob_values(method, spec)
-    return method.with_knob(cfg, value if value is not None else values[min(1, len(values) - 1)])
-
-
-def loss_of(backbone, batch, labels):
-    out = backbone.model(**batch, labels=labels)
-    return out.loss
-
-
-def labels_for(backbone, batch):
-    if backbone.task == "causal_lm":
-        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-        return labels
-    return torch.tensor([0, 1, 1][: batch["input_ids"].shape[0]])
-
-
-def snapshot(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def perturb(injection, seed=3, added_only=False):
-    """Give method parameters non-initial values (so identity inits can't hide bugs)."""
-    g = torch.Generator().manual_seed(seed)
-    params = injection.added_parameters() if added_only else injection.named_parameters()
-    with torch.no_grad():
-        for p in params.values():
-            if p.is_floating_point():
-                p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * 0.05)
 
 
 @pytest.fixture(params=METHODS)
@@ -72,151 +25,13 @@ def method(request):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_param_count_matches_instantiation(method, arch):
-    backbone = tiny_backbone(arch)
-    for value in knob_values(method, backbone.spec):
-        cfg = method.config() if value is None else method.with_knob(method.config(), value)
-        injection = peftbench.apply(method, backbone, cfg, verify=False)  # compared here, not by apply
-        measured = backbone.count_trainable()
-        own = sum(peftbench.logical_numel(p) for p in injection.named_parameters().values() if p.requires_grad)
-        injection.remove()
-        assert measured == method.param_count(cfg, backbone.spec), (method.name, arch, value)
-        assert injection.trainable_params == measured, "apply records what it counted"
-        assert own == measured, "the injection must account for every parameter it trains"
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_only_method_params_train(method, arch):
-    backbone = tiny_backbone(arch)
-    cfg = configured(method, backbone.spec)
-    injection = peftbench.apply(method, backbone, cfg)
-    perturb(injection)
-    backbone.model.train()
-    own = {id(p) for p in injection.named_parameters().values()}
-    head = {id(p) for p in backbone.head_parameters().values()}
-    trainable = [p for p in backbone.model.parameters() if p.requires_grad]
-    assert {id(p) for p in trainable} == own | head
-    frozen = {n: t.detach().clone() for n, t in backbone.model.state_dict(keep_vars=True).items()
-              if not (isinstance(t, torch.nn.Parameter) and id(t) in own | head)}
-    optim = torch.optim.AdamW(trainable, lr=1e-2) if trainable else None
-    batch = batch_for(backbone)
-    loss = loss_of(backbone, batch, labels_for(backbone, batch))
-    loss.backward()
-    for n, p in backbone.model.named_parameters():
-        if id(p) not in own | head:
-            assert p.grad is None, f"frozen {n} got a gradient"
-    if own:
-        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in injection.named_parameters().values())
-    if optim:
-        optim.step()
-    after = backbone.model.state_dict()
-    for n, t in frozen.items():
-        assert torch.equal(after[n], t), f"frozen {n} changed"
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_remove_restores_bit_for_bit(method, arch):
-    backbone = tiny_backbone(arch)
-    backbone.freeze()
-    batch = batch_for(backbone)
-    before_state = snapshot(backbone.model)
-    before_flags = {n: p.requires_grad for n, p in backbone.model.named_parameters()}
-    before_types = [(n, type(m).__name__) for n, m in backbone.model.named_modules()]
-    before_impl = backbone.model.config._attn_implementation
-    with torch.no_grad():
-        before_out = backbone.model(**batch).logits
-    injection = peftbench.apply(method, backbone, configured(method, backbone.spec))
-    perturb(injection, added_only=True)  # trained base weights are the method's to change
-    with torch.no_grad():
-        backbone.model(**batch)
-    injection.remove()
-    assert [(n, type(m).__name__) for n, m in backbone.model.named_modules()] == before_types
-    assert {n: p.requires_grad for n, p in backbone.model.named_parameters()} == before_flags
-    assert backbone.model.config._attn_implementation == before_impl
-    after_state = backbone.model.state_dict()
-    assert after_state.keys() == before_state.keys()
-    for n, t in before_state.items():
-        assert torch.equal(after_state[n], t), n
-    with torch.no_grad():
-        assert torch.equal(backbone.model(**batch).logits, before_out)
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_save_load_reproduces_outputs(method, arch, tmp_path):
-    backbone = tiny_backbone(arch, seed=0)
-    cfg = configured(method, backbone.spec)
-    injection = peftbench.apply(method, backbone, cfg)
-    perturb(injection)
-    with torch.no_grad():
-        for p in backbone.head_parameters().values():
-            p.add_(0.1)
-    injection.finalize()
-    batch = batch_for(backbone)
-    with torch.no_grad():
-        expected = backbone.model(**batch).logits
-    injection.save(tmp_path)
-    saved = load_file(str(tmp_path / "adapter_model.safetensors"))
-    head_keys = {f"head.{n}" for n in backbone.head_parameters()}
-    assert set(saved) == set(injection.state_dict()) | head_keys
-    fresh = tiny_backbone(arch, seed=123)  # different random head and base? base must match:
-    fresh.model.load_state_dict(tiny_backbone(arch, seed=0).model.state_dict())
-    with torch.no_grad():
-        for p in fresh.head_parameters().values():
-            p.zero_()
-    fresh.freeze()
-    peftbench.load_injection(fresh, tmp_path, REGISTRY)
-    with torch.no_grad():
-        got = fresh.model(**batch).logits
-    assert torch.equal(got, expected)
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_training_reduces_loss(method, arch):
-    torch.manual_seed(0)
-    backbone = tiny_backbone(arch)
-    injection = peftbench.apply(method, backbone, configured(method, backbone.spec))
-    backbone.model.train()
-    for module in backbone.model.modules():  # dropout off: a deterministic comparison
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-    params = [p for p in backbone.model.parameters() if p.requires_grad]
-    optim = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
-    batch = batch_for(backbone, batch=3)
-    labels = labels_for(backbone, batch)
-    losses = []
-    for _ in range(8):
-        optim.zero_grad()
-        loss = loss_of(backbone, batch, labels)
-        loss.backward()
-        optim.step()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0], (method.name, arch, losses)
-    injection.remove()
-
-
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_causal_lm_contract(method, arch):
-    """Decoders with an LM head: counts hold and training reduces the LM loss."""
-    backbone = tiny_backbone(arch, task="causal_lm")
-    cfg = configured(method, backbone.spec)
-    injection = peftbench.apply(method, backbone, cfg, verify=False)
-    assert backbone.count_trainable() == method.param_count(cfg, backbone.spec)
-    params = [p for p in backbone.model.parameters() if p.requires_grad]
-    batch = batch_for(backbone)
-    labels = labels_for(backbone, batch)
-    if not params:  # `head` on a causal LM trains nothing: there is no task head
-        assert method.param_count(cfg, backbone.spec) == 0
-        return
-    optim = torch.optim.AdamW(params, lr=1e-2)
-    first = None
-    for _ in range(6):
-        optim.zero_grad()
-        loss = loss_of(backbone, batch, labels)
-        loss.backward()
-        optim.step()
-        first = first if first is not None else loss.item()
-    assert loss.item() < first
-    injection.remove()
+def test_conformance(method, arch):
+    """The shipped kit's checks (peftbench.testing): count at three knob values, gradients, identity at
+    init where declared, remove, save/load, merge where mergeable, monotone count, one training step;
+    decoders also as causal LMs (count, gradients, training)."""
+    tasks = ["classification", "causal_lm"] if arch in DECODERS else ["classification"]
+    for task in tasks:
+        check_backbone(method, tiny_backbone(arch, task=task), None)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import transformers
 
 import peftbench
 from conftest import ARCHS, batch_for, tiny_backbone
-from peftbench_plugins.lora import LoRALinear
+from peftbench.blocks import LoRALinear
 
 QLORA = peftbench.get_registry().method("qlora")
 # relative error of the last hidden state, 4-bit (LoRA at init) vs fp32, measured on seeds 0-2:

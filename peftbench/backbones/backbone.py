@@ -41,7 +41,10 @@ class BackboneSpec:
     head_params: int
     is_decoder: bool
     task: str = "classification"
-    #: per-layer linear site -> (in_features, out_features); fused slices have their width
+    #: per-layer linear site name -> (in_features, out_features) of layer 0's site, for the closed-form
+    #: ``param_count``: only the sites this backbone has (``"q" in spec.site_shapes``); a fused slice
+    #: (GPT-2's q, k, v) has its slice's width, not the fused module's; GQA's k and v have
+    #: kv_heads * head_dim outputs. Every layer has the same shapes
     site_shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
     #: per-layer layer-norm site -> number of parameters
     norm_params: dict[str, int] = field(default_factory=dict)
@@ -118,6 +121,9 @@ class Backbone:
         return resolve_site(self.layout, self._layers[layer], layer, name, self.layer_path(layer), self._slice_widths)
 
     def sites(self, name: str, layers: list[int] | None = None) -> list[Site]:
+        """The site ``name`` (a layout site name, ``peftbench.SITE_NAMES``) of every layer, or of
+        ``layers`` (indices), in layer order, resolved now: a module another method replaced is
+        found as its wrapper. LayoutError when the layout has no such site."""
         return [self.site(i, name) for i in (layers if layers is not None else range(len(self._layers)))]
 
     def has_site(self, name: str) -> bool:

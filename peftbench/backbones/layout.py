@@ -56,22 +56,34 @@ class ArchLayout:
 
 @dataclass
 class Site:
-    """A resolved site of one layer: the module, and for fused projections the output slice."""
+    """A resolved site of one layer: the module, and for fused projections the output slice.
 
+    ``module`` is what sits there now (a Linear, Conv1D, LayerNorm, attention module, or a wrapper
+    another method put there, whose ``base_layer`` is the original); ``parent.<attr>`` is where it is
+    held, for ``Injection.replace(site.parent, site.attr, new)``."""
+
+    #: index of the transformer block (0 = closest to the embeddings)
     layer: int
+    #: the layout's site name: q, k, v, attn_out, ffn_in, ffn_gate, ffn_out, attn_norm, ffn_norm, attention
     name: str
     path: str  # dotted, relative to the full model
     module: nn.Module = field(repr=False)
     parent: nn.Module = field(repr=False)
     attr: str
+    #: for a slice of a fused projection (GPT-2's ``c_attn`` computes q|k|v in one Conv1D): the
+    #: (start, end) output columns that are this site's; ``module`` is the whole fused projection,
+    #: so a method must add its update to these columns only (``h[..., start:end]``). None: the
+    #: module's whole output is the site's
     out_slice: tuple[int, int] | None = None
 
     @property
     def in_features(self) -> int:
+        """Input width of the site's linear module (through a wrapper's ``base_layer``)."""
         return linear_shape(self.module)[0]
 
     @property
     def out_features(self) -> int:
+        """Output width of the site: its slice's width for a fused slice, else the module's."""
         if self.out_slice is not None:
             return self.out_slice[1] - self.out_slice[0]
         return linear_shape(self.module)[1]

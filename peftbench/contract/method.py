@@ -36,6 +36,33 @@ def format_validation_error(prefix: str, exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
+def _type_name(annotation) -> str:
+    """``int``, ``float | None``, ``list[str] | Literal['all-linear']``: a type as one writes it."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if origin is typing.Literal:
+        return " | ".join(repr(a) for a in args)
+    if annotation is type(None):
+        return "None"
+    if origin is not None:
+        return f"{getattr(origin, '__name__', str(origin))}[{', '.join(_type_name(a) for a in args)}]"
+    return getattr(annotation, "__name__", str(annotation).replace("typing.", ""))
+
+
+def _json_ready(value):
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    return str(value)
+
+
 class PeftAdapter(NamedTuple):
     """An injection in peft's saved format (``Method.peft_adapter``): ``config`` holds the method's
     ``adapter_config.json`` fields (``peft_type``, ``r``, ``target_modules`` as module paths, ...);
@@ -136,6 +163,12 @@ class Method:
         """Candidates for ``secondary``, largest first (the solver takes the largest that reaches)."""
         return []
 
+    def identity_at_init(self, cfg: MethodConfig) -> bool:
+        """True when the model injected with ``cfg`` computes exactly what the bare backbone does until
+        it is trained (LoRA's zero B, a bottleneck's zero up-projection, methods that only unfreeze);
+        ``peftbench.testing`` then checks it. Default: False (nothing is promised)."""
+        return False
+
     def check(self, cfg: MethodConfig, spec: "BackboneSpec") -> None:
         """Raise ConfigError when ``cfg`` cannot be built on ``spec`` (knob out of range ...)."""
         if self.knob is None:
@@ -161,7 +194,17 @@ class Method:
         peft has no equivalent of the method (the default)."""
         return None
 
+    def config_fields(self) -> list[dict[str, Any]]:
+        """Each field of ``Config``: name, type, default (JSON-ready) and description (``peftbench methods``)."""
+        out = []
+        for name, info in self.Config.model_fields.items():
+            default = info.get_default(call_default_factory=True)
+            out.append({"name": name, "type": _type_name(info.annotation), "default": _json_ready(default),
+                        "description": info.description or "", "knob": name == self.knob})
+        return out
+
     def describe(self) -> dict[str, Any]:
+        """What ``peftbench methods`` shows: the class attributes the core asks and the config's fields."""
         return {
             "name": self.name,
             "knob": self.knob,
@@ -173,6 +216,7 @@ class Method:
             "in_default_grid": self.in_default_grid,
             "reference": self.reference,
             "mergeable": self.mergeable,
+            "config": self.config_fields(),
         }
 
     def __repr__(self) -> str:
