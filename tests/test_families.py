@@ -231,8 +231,6 @@ def test_phi3_lora_on_unequal_slices_equals_peft_and_merges():
     with the block-structured B on the whole projection, and merging changes nothing."""
     from peft import LoraConfig, get_peft_model
 
-    from peftbench_plugins.lora import _b_rows
-
     lora = REGISTRY.method("lora")
     ours, theirs = build("phi3"), build("phi3")
     ours.model.double(), theirs.model.double()
@@ -259,7 +257,7 @@ def test_phi3_lora_on_unequal_slices_equals_peft_and_merges():
                 b.copy_(w.lora_B.weight)
                 continue
             b.zero_()
-            for i, ((start, end), (lo, hi)) in enumerate(zip(w.slices, _b_rows(w.slices))):
+            for i, ((start, end), (lo, hi)) in enumerate(zip(w.slices, w.b_rows())):
                 b[start:end, i * r:(i + 1) * r] = w.lora_B.weight[lo:hi]
     with torch.no_grad():
         out = ours.model(**data).logits
@@ -283,7 +281,7 @@ def test_phi3_lora_on_unequal_slices_equals_peft_and_merges():
 def test_fused_lora_function_gradcheck_on_unequal_slices():
     from torch.autograd import gradcheck
 
-    from peftbench_plugins.lora import _FusedLoRA
+    from peftbench.blocks.lora_linear import _FusedLoRA
 
     g = torch.Generator().manual_seed(0)
     slices, r = [(0, 4), (4, 6), (6, 8)], 2  # q | k | v of a GQA projection

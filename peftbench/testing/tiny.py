@@ -22,7 +22,8 @@ def tiny_config(layout, **overrides):
 
     Sizes: hidden 32, 2 layers, 4 heads (head_dim 8), 2 key/value heads where the family has
     ``num_key_value_heads``, FFN width 48, vocabulary 64, 64 positions; special token ids the
-    family puts beyond the vocabulary are moved to 0..2 (batches use ids 3..63)."""
+    family puts beyond the vocabulary are moved to 0..2 (batches use ids 3..63); a family without
+    a padding id gets 0."""
     from transformers import AutoConfig
 
     model_type = layout.model_type
@@ -48,7 +49,10 @@ def tiny_config(layout, **overrides):
             wanted[name] = i % 3
         elif isinstance(value, list) and any(v >= VOCAB for v in value):
             wanted[name] = [v if v < VOCAB else i % 3 for v in value]
-    kwargs = {k: v for k, v in {**wanted, **overrides}.items() if hasattr(default, k) or k in overrides}
+    if getattr(default, "pad_token_id", None) is None:  # Qwen's: a classifier batch of more than one needs one
+        wanted["pad_token_id"] = 0
+    kwargs = {k: v for k, v in {**wanted, **overrides}.items()
+              if hasattr(default, k) or k in overrides or k == "pad_token_id"}
     return AutoConfig.for_model(model_type, **kwargs)
 
 
