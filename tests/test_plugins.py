@@ -216,3 +216,12 @@ def test_readme_plugin_example_works(tmp_path, capsys):
     assert main(["--plugins-dir", str(tmp_path), "solve", "--backbone", "minilm", "--methods", "scale",
                  "--budget", "1000", "--no-verify"]) == 0
     assert "n=3" in capsys.readouterr().out  # 3 x 384 = 1,152 is closest to 1,000
+
+
+def test_plugins_dir_module_may_use_dataclasses(tmp_path):
+    """A --plugins-dir module is in sys.modules while it runs, as an imported one is (dataclasses need it)."""
+    (tmp_path / "dc_plugin.py").write_text(
+        "from dataclasses import dataclass\nimport peftbench\n\n@dataclass\nclass Size:\n    n: int = 1\n\n"
+        "@peftbench.hookimpl\ndef register_methods(register):\n    pass\n")
+    reg = get_registry(plugins_dir=tmp_path)
+    assert "dc_plugin" in reg.plugin_names()

@@ -126,9 +126,11 @@ def _load_dir(pm: pluggy.PluginManager, directory: str | Path) -> None:
             continue
         spec = importlib.util.spec_from_file_location(f"peftbench_dir_plugin_{name}", path)
         module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # as an import would: dataclasses and pickling look the module up there
         try:
             spec.loader.exec_module(module)
         except Exception as exc:  # a plugin's own bug: name it, don't crash deep inside
+            sys.modules.pop(spec.name, None)
             raise PluginError(f"plugin {name!r} ({path}) failed to import: {type(exc).__name__}: {exc}") from exc
         pm.register(module, name=name)
 
