@@ -147,16 +147,19 @@ def _solve_knob(method, cfg, spec, budget: Budget | str | None) -> Solution:
                         None, spec.base_params, reachable=True, note="budget does not apply")
     budget = parse_budget(budget)
     target = budget.target(spec.base_params)
-    lo, hi = method.knob_range(cfg, spec)
+    values = method.knob_values(cfg, spec)  # allowed knob values when not every integer in range is
+    lo, hi = (0, len(values) - 1) if values is not None else method.knob_range(cfg, spec)
     if lo > hi:
         raise BudgetError(f"method {method.name!r} has no valid {method.knob} on {spec.name}")
+    knob_at = values.__getitem__ if values is not None else int  # search position -> knob value
 
     probed: dict[int, int] = {}
 
     def count(k: int) -> int:
-        if k not in probed:
-            probed[k] = method.param_count(method.with_knob(cfg, k), spec)
-        return probed[k]
+        value = knob_at(k)  # probed by knob value, so a broken premise is named in the knob's own values
+        if value not in probed:
+            probed[value] = method.param_count(method.with_knob(cfg, value), spec)
+        return probed[value]
 
     c_lo, c_hi = count(lo), count(hi)
     # binary search: the smallest k with count(k) >= target
@@ -175,18 +178,19 @@ def _solve_knob(method, cfg, spec, budget: Budget | str | None) -> Solution:
     step_lo = (count(lo + 1) - c_lo) if hi > lo else c_lo
     step_hi = (c_hi - count(hi - 1)) if hi > lo else c_hi
     reachable = c_lo - step_lo / 2 <= target <= c_hi + step_hi / 2
-    best_cfg = method.with_knob(cfg, best)
+    best_cfg = method.with_knob(cfg, knob_at(best))
     note = "" if reachable else (
         f"not reachable: {method.name} spans {c_lo:,}..{c_hi:,} params "
         f"({100 * c_lo / spec.base_params:.4g}%..{100 * c_hi / spec.base_params:.4g}%) "
-        f"with {method.knob} in {lo}..{hi}; nearest feasible: {method.knob}={best} ({params:,} params)"
+        f"with {method.knob} in {knob_at(lo)}..{knob_at(hi)}; nearest feasible: {method.knob}={knob_at(best)} "
+        f"({params:,} params)"
     )
     step = count(best + 1) - params if best < hi else (params - count(best - 1) if best > lo else None)
     broken = not_monotone(method, probed)
     if broken:
         reachable, note = False, broken
-    return Solution(method.name, method.knob, best, params, method.stored_count(best_cfg, spec), target,
-                    spec.base_params, reachable, c_lo, c_hi, lo, hi, note=note, step=step)
+    return Solution(method.name, method.knob, knob_at(best), params, method.stored_count(best_cfg, spec), target,
+                    spec.base_params, reachable, c_lo, c_hi, knob_at(lo), knob_at(hi), note=note, step=step)
 
 
 def not_monotone(method, counts: dict[int, int]) -> str:

@@ -150,3 +150,30 @@ def test_the_solver_narrows_a_secondary_width_the_user_left_unset(registry, name
     pinned = peftbench.solve(method, method.config(hidden=200), spec, "1%", fixed={"hidden"})
     assert pinned.updates == {} and ("hidden=200" not in pinned.note)  # a width the user set is never replaced
     assert not peftbench.solve(registry.method("prompt"), registry.method("prompt").config(), spec, "1%").reachable
+
+
+class EvenSquare(Square):
+    """Square whose n must divide the hidden width: the solver searches ``knob_values`` only."""
+
+    name = "even-square"
+
+    def knob_values(self, cfg, spec):
+        return [d for d in range(1, spec.hidden + 1) if spec.hidden % d == 0]
+
+
+def test_solver_searches_only_the_declared_knob_values():
+    method, spec = EvenSquare(), MINILM  # hidden 384: divisors ... 16, 24, 32, 48 ...
+    sol = peftbench.solve(method, {}, spec, str(spec.layers * 30 * 30))
+    assert sol.value in method.knob_values(None, spec) and sol.value in (24, 32)
+    assert (sol.knob_low, sol.knob_high) == (1, 384) and sol.params == spec.layers * sol.value ** 2
+    far = peftbench.solve(method, {}, spec, "100%")
+    assert not far.reachable and "n in 1..384" in far.note and far.value == 384
+    with pytest.raises(peftbench.ConfigError, match="'n' = 30 is not allowed on minilm .allowed 1, 2, 3, 4, 6"):
+        method.check(method.config(n=30), spec)
+    method.check(method.config(n=32), spec)
+
+
+def test_spec_names_each_sites_module_and_fused_slices_share_one():
+    gpt2 = tiny_backbone("gpt2").spec
+    assert gpt2.site_paths["q"] == gpt2.site_paths["v"] == "attn.c_attn" and gpt2.site_paths["ffn_norm"] == "ln_2"
+    assert MINILM.site_paths["q"] == "attention.self.query" and MINILM.site_paths["ffn_out"] == "output.dense"

@@ -52,6 +52,9 @@ class BackboneSpec:
     layer_params: int = 0
     #: width of the input embeddings: ``hidden`` except where a family projects them up (ELECTRA-small: 128 -> 256)
     embed_dim: int = 0
+    #: per-layer site (linear and layer-norm) -> path of its module within a block; the slices of a fused
+    #: projection share one path (GPT-2's q, k, v: ``attn.c_attn``)
+    site_paths: dict[str, str] = field(default_factory=dict)
 
     @property
     def kv_dim(self) -> int:
@@ -251,9 +254,11 @@ class Backbone:
         if self.task == "causal_lm":  # an untied LM head belongs to the (frozen) backbone
             base_params = sum(logical_numel(p) for p in {id(p): p for p in self.model.parameters()}.values())
         block = self._layers[0]
-        site_shapes, norm_params = {}, {}
+        site_shapes, norm_params, site_paths = {}, {}, {}
         for name in self.layout.site_names():
             site = resolve_site(self.layout, block, 0, name, self.layer_path(0), self._slice_widths)
+            if name in LINEAR_SITES or name.endswith("_norm"):
+                site_paths[name] = site.path.removeprefix(self.layer_path(0) + ".")
             if name in LINEAR_SITES:
                 site_shapes[name] = (site.in_features, site.out_features)
             elif name.endswith("_norm"):
@@ -277,6 +282,7 @@ class Backbone:
             norm_params=norm_params,
             layer_params=sum(logical_numel(p) for p in block.parameters()),
             embed_dim=int(self.embeddings().weight.shape[-1]),
+            site_paths=site_paths,
         )
 
     def __repr__(self) -> str:

@@ -146,6 +146,12 @@ class Method:
         """Smallest and largest allowed knob values on this backbone (inclusive)."""
         raise NotImplementedError(f"method {self.name!r} defines no knob_range")
 
+    def knob_values(self, cfg: MethodConfig, spec: "BackboneSpec") -> list[int] | None:
+        """The knob's allowed values on this backbone, ascending, when not every integer of ``knob_range``
+        is one (a block size that must divide a width): the solver searches this list and ``check`` refuses
+        other values. None (the default): every integer of ``knob_range``."""
+        return None
+
     def param_count(self, cfg: MethodConfig, spec: "BackboneSpec") -> int:
         """Trainable parameters ``inject`` creates or unfreezes (task head excluded)."""
         raise NotImplementedError
@@ -173,8 +179,15 @@ class Method:
         """Raise ConfigError when ``cfg`` cannot be built on ``spec`` (knob out of range ...)."""
         if self.knob is None:
             return
-        lo, hi = self.knob_range(cfg, spec)
         value = getattr(cfg, self.knob)
+        values = self.knob_values(cfg, spec)
+        if values is not None:
+            if value not in values:
+                shown = ", ".join(map(str, values[:12])) + (f", ... ({len(values)} values)" if len(values) > 12 else "")
+                raise ConfigError(f"method {self.name!r}: field {self.knob!r} = {value} is not allowed on "
+                                  f"{spec.name} (allowed {shown})")
+            return
+        lo, hi = self.knob_range(cfg, spec)
         if not lo <= value <= hi:
             raise ConfigError(
                 f"method {self.name!r}: field {self.knob!r} = {value} is out of range on "
