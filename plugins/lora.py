@@ -79,10 +79,13 @@ class LoRALinear(nn.Module):
     def _can_fuse(self, x: torch.Tensor) -> bool:
         """The fused function computes what the module path does (up to float rounding: the
         same sums in another order); it is used when the base is a plain float Linear or Conv1D
-        without hooks, frozen (no gradient for W, b), the LoRA input is x itself (no dropout
+        without hooks, frozen (no gradient for W, b), A and B plain ``nn.Linear`` (not replaced by
+        quantised ones), the LoRA input is x itself (no dropout
         while training), autocast is off and x, W, A, B share one dtype."""
         base = self.base_layer
         if not self.fused or self._base_kind is None or type(base) is not self._base_type:
+            return False
+        if type(self.lora_A) is not nn.Linear or type(self.lora_B) is not nn.Linear:  # e.g. int8-quantised
             return False
         if self.training and isinstance(self.dropout, nn.Dropout):
             return False
@@ -301,24 +304,30 @@ def validate_targets(value):
     return value
 
 
-def lora_params(r: int, names: list[str], spec: peftbench.BackboneSpec) -> int:
+def lora_params(r: int | dict[int, int], names: list[str], spec: peftbench.BackboneSpec) -> int:
+    """LoRA's parameters with rank ``r`` in every layer, or ``{layer: rank}`` in those layers only."""
     # per layer and target: r * (d_in + d_out)   (GQA k/v: d_out = kv_heads * head_dim)
-    return spec.layers * sum(r * (spec.site_shapes[n][0] + spec.site_shapes[n][1]) for n in names)
+    ranks = dict.fromkeys(range(spec.layers), r) if isinstance(r, int) else r
+    return sum(ranks.values()) * sum(spec.site_shapes[n][0] + spec.site_shapes[n][1] for n in names)
 
 
 def max_rank(names: list[str], spec: peftbench.BackboneSpec) -> int:
     return min(min(spec.site_shapes[n]) for n in names)
 
 
-def add_lora(injection: LoRAInjection, names: list[str], r: int, alpha: float, dropout: float,
+def add_lora(injection: LoRAInjection, names: list[str], r: int | dict[int, int], alpha: float, dropout: float,
              dtype: torch.dtype | None = None) -> list[LoRALinear]:
-    """Wrap every layer's target sites; slices of one fused module share one wrapper."""
+    """Wrap the target sites of every layer (``r`` an int) or of the layers in ``r`` (``{layer: rank}``),
+    each at its layer's rank; slices of one fused module share one wrapper."""
+    ranks = r if isinstance(r, dict) else None
     groups: dict[int, list[peftbench.Site]] = {}
     for name in names:
         for site in injection.backbone.sites(name):
-            groups.setdefault(id(site.module), []).append(site)
+            if ranks is None or site.layer in ranks:
+                groups.setdefault(id(site.module), []).append(site)
     for sites in groups.values():
         site = sites[0]
+        r = ranks[site.layer] if ranks is not None else r
         if site.out_slice is None:
             layer = LoRALinear(site.module, r, alpha, dropout, dtype=dtype)
         else:
@@ -337,8 +346,8 @@ class LoRA(peftbench.Method):
     default_lr = 5e-4
     schedule_lr = 5e-3  # (2e-3: 0.520, 5e-3: 0.805, 1e-2: 0.795)
 
-    class Config(peftbench.MethodConfig):
-        r: int = Field(8, ge=1, description="rank of B A")
+    class Config(peftbench.PerLayerConfig):
+        r: int = Field(8, ge=1, description="rank of B A (in every chosen layer unless layer_sizes)")
         alpha: float = Field(16.0, gt=0, description="scaling numerator: the update is (alpha / r) B A")
         dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the LoRA path's input")
         targets: list[str] | Literal["all-linear"] = Field(default_factory=lambda: ["q", "v"])
@@ -349,14 +358,15 @@ class LoRA(peftbench.Method):
         return 1, max_rank(target_names(self.name, cfg.targets, spec), spec)
 
     def param_count(self, cfg, spec):
-        # L * sum over targets of r * (d_in + d_out)
-        return lora_params(cfg.r, target_names(self.name, cfg.targets, spec), spec)
+        # sum over chosen layers of r_i * sum over targets of (d_in + d_out)
+        return lora_params(self.layer_knobs(cfg, spec), target_names(self.name, cfg.targets, spec), spec)
 
     mergeable = True  # merge() folds (alpha / r) B A into each target's weight: nothing else remains
 
     def inject(self, backbone, cfg):
         injection = LoRAInjection(backbone, self, cfg)
-        add_lora(injection, target_names(self.name, cfg.targets, backbone.spec), cfg.r, cfg.alpha, cfg.dropout)
+        add_lora(injection, target_names(self.name, cfg.targets, backbone.spec), self.layer_knobs(cfg, backbone.spec),
+                 cfg.alpha, cfg.dropout)
         return injection
 
     def peft_adapter(self, injection):
@@ -390,6 +400,8 @@ def peft_lora(injection, layers: list[LoRALinear], quantized_base: bool = False)
                 full[start:end, i * r:(i + 1) * r] = b[i * (end - start):(i + 1) * (end - start)]
             b = full
             ranks[path], alphas[path] = n * r, n * cfg.alpha
+        elif layer.r != cfg.r:  # a per-layer rank (layer_sizes): peft's scaling alpha / r follows it
+            ranks[path] = layer.r
         tensors[f"base_model.model.{path}.lora_A.weight"] = a.clone()
         tensors[f"base_model.model.{path}.lora_B.weight"] = b.clone()
     if len(conv1d) > 1:
