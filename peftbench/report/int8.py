@@ -16,12 +16,13 @@ from peftbench.report.context import ReportContext, Section, section_key
 from peftbench.report.format import fmt_bytes, fmt_num, table
 from peftbench.report.groups import Group
 from peftbench.results.records import TrialRecord
+from peftbench.using.int8 import REPEATS
 
 CAPTION = ("Post-training dynamic int8 quantisation (`torch.ao.quantization.quantize_dynamic`, qint8 weights, "
            "per-tensor scale) of every `nn.Linear` made only of the method's trained parameters; its other trained "
            "tensors (LayerNorms, prefixes) stay fp32 and count in both sizes. INT8 Δ: the primary metric on the "
            "trial's validation subsample, int8 minus fp32 (mean ± sd over seeds). INT8 time: forward time over that "
-           "subsample, int8 / fp32 (fastest of 3 passes each; below 1 is faster).")
+           f"subsample, int8 / fp32 (fastest of {REPEATS} passes each; below 1 is faster).")
 
 
 def trial_folder(ctx: ReportContext, record: TrialRecord) -> Path | None:

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 INT8_FILE = "int8.json"
-REPEATS = 3
+REPEATS = 2
 #: what the figures mean (the cache is recomputed when this changes)
 INT8_VERSION = 1
 
