@@ -28,6 +28,7 @@ from peftbench.contract.costs import Cost
 from peftbench.contract.injection import Injection, load_injection
 from peftbench.backbones.layout import LINEAR_SITES, SITE_NAMES, ArchLayout, Site, is_conv1d, linear_shape
 from peftbench.contract.method import Method, MethodConfig, PeftAdapter
+from peftbench.contract.method import PerLayerConfig
 from peftbench.contract.registry import get_registry
 from peftbench.backbones import quant
 from peftbench.backbones.quant import logical_numel
@@ -47,7 +48,7 @@ def get_task(spec: str, registry=None, **options) -> Task:
 __all__ = [
     "ReportContext", "Section", "apply", "measure", "Cost",
     "ArchLayout", "AssetError", "Backbone", "BackboneSpec", "Budget", "BudgetError", "ConfigError", "Cost",
-    "Injection", "LINEAR_SITES", "LayoutError", "Method", "MethodConfig", "PeftAdapter", "PeftbenchError", "PluginError",
+    "Injection", "LINEAR_SITES", "LayoutError", "Method", "MethodConfig", "PerLayerConfig", "PeftAdapter", "PeftbenchError", "PluginError",
     "SITE_NAMES", "Site", "Solution", "TASK_KINDS", "VerificationError", "apply", "from_config", "get_registry",
     "hookimpl", "hookspec", "is_conv1d", "linear_shape", "load_backbone", "load_injection", "logical_numel",
     "measure", "parse_budget", "quant", "solve", "solve_or_raise", "spec_for",

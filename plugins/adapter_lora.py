@@ -42,8 +42,9 @@ class AdapterLoRA(peftbench.Method):
     default_lr = 5e-4
     schedule_lr = 5e-3  # (2e-3: 0.645, 5e-3: 0.805, 1e-2: 0.785)
 
-    class Config(peftbench.MethodConfig):
-        m: int = Field(16, ge=1, description="bottleneck width of the adapter path (the knob)")
+    class Config(peftbench.PerLayerConfig):
+        m: int = Field(16, ge=1, description="bottleneck width of the adapter path (the knob; per chosen layer "
+                                             "unless layer_sizes)")
         split: float = Field(0.5, gt=0.0, lt=1.0, description="fraction of the parameters in the adapter path")
         non_linearity: NonLinearity = Field("relu", description="activation inside the adapter's bottleneck")
         alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator: (alpha / r) B A")
@@ -53,12 +54,12 @@ class AdapterLoRA(peftbench.Method):
         _targets = field_validator("targets", mode="before")(validate_targets)
 
     # -- sizes -----------------------------------------------------------------------------
-    def rank(self, cfg, spec: peftbench.BackboneSpec) -> int:
-        """LoRA rank r(m) (see the class docstring)."""
+    def rank(self, cfg, spec: peftbench.BackboneSpec, m: int | None = None) -> int:
+        """LoRA rank r(m) (see the class docstring) at width ``m`` (default: ``cfg.m``)."""
         names = target_names(self.name, cfg.targets, spec)
-        per_rank = lora_params(1, names, spec) // spec.layers  # S
+        per_rank = lora_params({0: 1}, names, spec)  # S
         ratio = (1.0 - cfg.split) / cfg.split
-        r = math.floor(ratio * adapter_params(cfg.m, spec.hidden) / per_rank + 0.5)
+        r = math.floor(ratio * adapter_params(cfg.m if m is None else m, spec.hidden) / per_rank + 0.5)
         return min(max_rank(names, spec), max(1, r))
 
     def knob_range(self, cfg, spec):
@@ -70,10 +71,12 @@ class AdapterLoRA(peftbench.Method):
         super().check(cfg, spec)
 
     def param_count(self, cfg, spec):
-        # L * (2*d*m + m + d)  +  L * r(m) * sum over targets (d_in + d_out)
+        # sum over chosen layers i of (2*d*m_i + m_i + d) + r(m_i) * sum over targets (d_in + d_out)
         self.check(cfg, spec)
         names = target_names(self.name, cfg.targets, spec)
-        return spec.layers * adapter_params(cfg.m, spec.hidden) + lora_params(self.rank(cfg, spec), names, spec)
+        widths = self.layer_knobs(cfg, spec)
+        ranks = {i: self.rank(cfg, spec, m) for i, m in widths.items()}
+        return sum(adapter_params(m, spec.hidden) for m in widths.values()) + lora_params(ranks, names, spec)
 
     def identity_at_init(self, cfg):
         return True  # the adapter's up-projection and LoRA's B start at zero
@@ -82,11 +85,16 @@ class AdapterLoRA(peftbench.Method):
     def inject(self, backbone, cfg):
         spec = backbone.spec
         injection = LoRAInjection(backbone, self, cfg)
-        add_lora(injection, target_names(self.name, cfg.targets, spec), self.rank(cfg, spec), cfg.alpha, cfg.dropout)
+        widths = self.layer_knobs(cfg, spec)
+        add_lora(injection, target_names(self.name, cfg.targets, spec),
+                 {i: self.rank(cfg, spec, m) for i, m in widths.items()}, cfg.alpha, cfg.dropout)
         blocks = backbone.layer_modules()
         for site in backbone.sites(ADAPTER_SITE):  # resolved after LoRA: hooks the wrapper if ffn_out is a target
+            if site.layer not in widths:
+                continue
             weight = next(p for p in site.module.parameters() if p.is_floating_point())
-            adapter = Bottleneck(spec.hidden, cfg.m, cfg.non_linearity, device=weight.device, dtype=weight.dtype)
+            adapter = Bottleneck(spec.hidden, widths[site.layer], cfg.non_linearity, device=weight.device,
+                                 dtype=weight.dtype)
             injection.attach(blocks[site.layer], f"{self.name}_{ADAPTER_SITE}", adapter)
             injection.add_hook(site.module, lambda module, args, h, adapter=adapter: adapter(h))  # h + delta(h)
         return injection

@@ -244,7 +244,7 @@ def _placement(module: nn.Module) -> dict:
     return {"device": first.device if first is not None else None, "dtype": None}
 
 
-class BottleneckConfig(peftbench.MethodConfig):
+class BottleneckConfig(peftbench.PerLayerConfig):
     m: int | None = Field(None, ge=1, description="bottleneck width (the knob); default d // reduction_factor")
     reduction_factor: int | None = Field(None, ge=1, description="m = d // reduction_factor (instead of m)")
     non_linearity: NonLinearity = Field("relu", description="activation inside the bottleneck")
@@ -252,14 +252,11 @@ class BottleneckConfig(peftbench.MethodConfig):
                                              "init) or normal(0, init_scale)")
     init_scale: float = Field(1e-3, gt=0, le=1e-2, description="std of the normal init (Houlsby: robust below 1e-2)")
     train_layer_norms: bool = Field(False, description="also train the adapted blocks' LayerNorms")
-    layers: list[int] | None = Field(None, min_length=1, description="layer indices to adapt; default all")
 
     @model_validator(mode="after")
     def _one_size(self):
         if self.m is not None and self.reduction_factor is not None:
             raise ValueError(f"set either 'm' ({self.m}) or 'reduction_factor' ({self.reduction_factor}), not both")
-        if self.layers is not None and len(set(self.layers)) != len(self.layers):
-            raise ValueError(f"'layers' lists a layer twice: {self.layers}")
         return self
 
 
@@ -283,9 +280,6 @@ class _BottleneckMethod(peftbench.Method):
         if cfg.m is not None:
             return cfg.m
         return spec.hidden // (cfg.reduction_factor or DEFAULT_REDUCTION)
-
-    def layer_indices(self, cfg: BottleneckConfig, spec: peftbench.BackboneSpec) -> list[int]:
-        return list(range(spec.layers)) if cfg.layers is None else list(cfg.layers)
 
     def knob_range(self, cfg, spec):
         return 1, spec.hidden
@@ -311,29 +305,24 @@ class _BottleneckMethod(peftbench.Method):
             raise peftbench.ConfigError(
                 f"method {self.name!r}: field 'm' = {m} is out of range on {spec.name} (allowed 1..{d})"
             )
-        bad = [i for i in cfg.layers or () if not 0 <= i < spec.layers]
-        if bad:
-            raise peftbench.ConfigError(
-                f"method {self.name!r}: field 'layers' has {bad}, not layers of {spec.name} (allowed 0..{spec.layers - 1})"
-            )
+        self.layer_knobs(cfg, spec, uniform=m)  # placement: layers and per-layer widths checked
 
     def param_count(self, cfg, spec):
         # per adapter: down d*m + m, up m*d + d  ->  2*d*m + m + d
-        # total: |layers| * (|sites| * (2*d*m + m + d) + [trained] sum of the block's LayerNorm params)
+        # total: sum over chosen layers i of |sites| * (2*d*m_i + m_i + d) + [trained] the block's LayerNorm params
         self.check(cfg, spec)
-        d, m = spec.hidden, self.width(cfg, spec)
-        per_layer = len(self.sites) * (2 * d * m + m + d)
-        if cfg.train_layer_norms:
-            per_layer += sum(spec.norm_params.get(name, 0) for name in NORM_SITES)
-        return len(self.layer_indices(cfg, spec)) * per_layer
+        d = spec.hidden
+        norms = sum(spec.norm_params.get(name, 0) for name in NORM_SITES) if cfg.train_layer_norms else 0
+        widths = self.layer_knobs(cfg, spec, uniform=self.width(cfg, spec)).values()
+        return sum(len(self.sites) * (2 * d * m + m + d) + norms for m in widths)
 
     # -- building --------------------------------------------------------------------------
     def inject(self, backbone, cfg):
         spec = backbone.spec
-        d, m = spec.hidden, self.width(cfg, spec)
+        d = spec.hidden
         injection = peftbench.Injection(backbone, self, cfg)
         blocks = backbone.layer_modules()
-        for i in self.layer_indices(cfg, spec):
+        for i, m in self.layer_knobs(cfg, spec, uniform=self.width(cfg, spec)).items():
             for name in self.sites:
                 site = backbone.site(i, name)
                 adapter = Bottleneck(d, m, cfg.non_linearity, cfg.init, cfg.init_scale, **_placement(site.module))

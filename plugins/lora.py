@@ -28,9 +28,11 @@ from peftbench.blocks import (  # noqa: F401  (re-exported for qlora, adapter_lo
 from pydantic import Field, field_validator
 
 
-def lora_params(r: int, names: list[str], spec: peftbench.BackboneSpec) -> int:
+def lora_params(r: int | dict[int, int], names: list[str], spec: peftbench.BackboneSpec) -> int:
+    """LoRA's parameters with rank ``r`` in every layer, or ``{layer: rank}`` in those layers only."""
     # per layer and target: r * (d_in + d_out)   (GQA k/v: d_out = kv_heads * head_dim)
-    return spec.layers * sum(r * (spec.site_shapes[n][0] + spec.site_shapes[n][1]) for n in names)
+    ranks = dict.fromkeys(range(spec.layers), r) if isinstance(r, int) else r
+    return sum(ranks.values()) * sum(spec.site_shapes[n][0] + spec.site_shapes[n][1] for n in names)
 
 
 class LoRA(peftbench.Method):
@@ -40,8 +42,8 @@ class LoRA(peftbench.Method):
     default_lr = 5e-4
     schedule_lr = 5e-3  # (2e-3: 0.520, 5e-3: 0.805, 1e-2: 0.795)
 
-    class Config(peftbench.MethodConfig):
-        r: int = Field(8, ge=1, description="rank of B A")
+    class Config(peftbench.PerLayerConfig):
+        r: int = Field(8, ge=1, description="rank of B A (in every chosen layer unless layer_sizes)")
         alpha: float = Field(16.0, gt=0, description="scaling numerator: the update is (alpha / r) B A")
         dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the LoRA path's input")
         targets: list[str] | Literal["all-linear"] = Field(default_factory=lambda: ["q", "v"], description="linear sites to adapt (q, k, v, attn_out, ffn_in, ffn_gate, ffn_out) or all-linear")
@@ -52,8 +54,8 @@ class LoRA(peftbench.Method):
         return 1, max_rank(target_names(self.name, cfg.targets, spec), spec)
 
     def param_count(self, cfg, spec):
-        # L * sum over targets of r * (d_in + d_out)
-        return lora_params(cfg.r, target_names(self.name, cfg.targets, spec), spec)
+        # sum over chosen layers of r_i * sum over targets of (d_in + d_out)
+        return lora_params(self.layer_knobs(cfg, spec), target_names(self.name, cfg.targets, spec), spec)
 
     mergeable = True  # merge() folds (alpha / r) B A into each target's weight: nothing else remains
 
@@ -62,7 +64,8 @@ class LoRA(peftbench.Method):
 
     def inject(self, backbone, cfg):
         injection = LoRAInjection(backbone, self, cfg)
-        add_lora(injection, target_names(self.name, cfg.targets, backbone.spec), cfg.r, cfg.alpha, cfg.dropout)
+        add_lora(injection, target_names(self.name, cfg.targets, backbone.spec), self.layer_knobs(cfg, backbone.spec),
+                 cfg.alpha, cfg.dropout)
         return injection
 
     def peft_adapter(self, injection):
@@ -96,6 +99,8 @@ def peft_lora(injection, layers: list[LoRALinear], quantized_base: bool = False)
                 full[start:end, i * r:(i + 1) * r] = b[lo:hi]
             b = full
             ranks[path], alphas[path] = n * r, n * cfg.alpha
+        elif layer.r != cfg.r:  # a per-layer rank (layer_sizes): peft's scaling alpha / r follows it
+            ranks[path] = layer.r
         tensors[f"base_model.model.{path}.lora_A.weight"] = a.clone()
         tensors[f"base_model.model.{path}.lora_B.weight"] = b.clone()
     if len(conv1d) > 1:

@@ -30,16 +30,19 @@ import peftbench
 
 
 class PrefixTable(nn.Module):
-    """The per-layer keys and values: a (L, 2, kv_heads, n, head_dim) tensor, or an MLP that makes it."""
+    """The per-layer keys and values: a (L, 2, kv_heads, n, head_dim) tensor, or an MLP that makes it.
+    ``layers``: the backbone layers it feeds (default all); L is their number, row j feeds ``layers[j]``."""
 
-    def __init__(self, spec: peftbench.BackboneSpec, n: int, hidden: int | None):
+    def __init__(self, spec: peftbench.BackboneSpec, n: int, hidden: int | None, layers: list[int] | None = None):
         super().__init__()
-        self.shape = (spec.layers, 2, spec.kv_heads, n, spec.head_dim)
+        self.layers = list(range(spec.layers)) if layers is None else list(layers)
+        self.rows = {layer: j for j, layer in enumerate(self.layers)}  # backbone layer -> row of the table
+        self.shape = (len(self.layers), 2, spec.kv_heads, n, spec.head_dim)
         if hidden is None:
             self.prefix = nn.Parameter(torch.randn(self.shape))
         else:
             self.embedding = nn.Parameter(torch.randn(n, spec.hidden))
-            out = 2 * spec.layers * spec.kv_dim
+            out = 2 * len(self.layers) * spec.kv_dim
             self.mlp = nn.Sequential(nn.Linear(spec.hidden, hidden), nn.Tanh(), nn.Linear(hidden, out))
         self._clear()
 
@@ -77,7 +80,8 @@ class PrefixTable(nn.Module):
         """The core's provider: this layer's (kv_heads, n, head_dim) key and value."""
         if self._current is None:  # a layer called outside a base-model forward
             self.__dict__["_current"] = self.split()
-        return self._current[2 * layer], self._current[2 * layer + 1]
+        row = self.rows[layer]
+        return self._current[2 * row], self._current[2 * row + 1]
 
     def new_forward(self, *_args) -> None:
         """Build this forward's split table (a new autograd graph each forward while training).
@@ -101,7 +105,7 @@ def attach_prefix(injection: peftbench.Injection, table: PrefixTable) -> PrefixT
     base = injection.backbone.base_model
     table.to(injection.backbone.embeddings().weight.device)
     # the prefix path first: where a family's attention cannot take one it refuses, and nothing is attached yet
-    injection.kv_prefix(table.key_value)
+    injection.kv_prefix(table.key_value, table.layers)
     injection.attach(base, "prefix", table)
     injection.add_hook(base, table.new_forward, pre=True)  # one table per base-model forward
     injection.on_remove(lambda: table._clear())
@@ -128,7 +132,9 @@ class Prefix(peftbench.Method):
     inserts = "n trained key/value vectors per attention layer (MLP-reparameterised while training)"
     default_lr = 5e-3
 
-    class Config(peftbench.MethodConfig):
+    per_layer_sizes = False  # one prefix length in every chosen layer (``layers``)
+
+    class Config(peftbench.PerLayerConfig):
         n: int = Field(10, ge=1, description="virtual tokens (prefix length)")
         hidden: int | None = Field(None, ge=1, description="MLP width b; default min(512, hidden size)")
         reparameterize: bool = Field(True, description="produce the prefix by an MLP while training (dropped after)")
@@ -153,17 +159,18 @@ class Prefix(peftbench.Method):
         b = self.mlp_width(cfg, spec)
         if b is None:
             return self.stored_count(cfg, spec)
-        # n·d (embeddings) + d·b + b (first linear) + b·(2·L·kv_dim) + 2·L·kv_dim (second linear)
-        out = 2 * spec.layers * spec.kv_dim
+        # n·d (embeddings) + d·b + b (first linear) + b·(2·L·kv_dim) + 2·L·kv_dim (second linear), L chosen layers
+        out = 2 * len(self.layer_indices(cfg, spec)) * spec.kv_dim
         return cfg.n * spec.hidden + spec.hidden * b + b + b * out + out
 
     def stored_count(self, cfg, spec):
-        # after finalize(): L · 2 · n · kv_dim (kv_dim = kv_heads · head_dim)
-        return spec.layers * 2 * cfg.n * spec.kv_dim
+        # after finalize(): L · 2 · n · kv_dim (kv_dim = kv_heads · head_dim), L chosen layers
+        return len(self.layer_indices(cfg, spec)) * 2 * cfg.n * spec.kv_dim
 
     def inject(self, backbone, cfg):
         injection = PrefixInjection(backbone, self, cfg)
-        table = PrefixTable(backbone.spec, cfg.n, self.mlp_width(cfg, backbone.spec))
+        table = PrefixTable(backbone.spec, cfg.n, self.mlp_width(cfg, backbone.spec),
+                            self.layer_indices(cfg, backbone.spec))
         injection.table = attach_prefix(injection, table)
         return injection
 

@@ -23,19 +23,22 @@ class PTuningV2(peftbench.Method):
     default_lr = 5e-3
     schedule_lr = 1e-1  # (1e-2: 0.460, 3e-2: 0.640, 1e-1: 0.650)
 
-    class Config(peftbench.MethodConfig):
+    per_layer_sizes = False  # one prompt length in every chosen layer (``layers``)
+
+    class Config(peftbench.PerLayerConfig):
         n: int = Field(20, ge=1, description="virtual tokens (prompt length at every layer)")
 
     def knob_range(self, cfg, spec):
         return kv_prefix_knob_range(spec)
 
     def param_count(self, cfg, spec):
-        # L · 2 · n · kv_dim (kv_dim = kv_heads · head_dim)
-        return spec.layers * 2 * cfg.n * spec.kv_dim
+        # L · 2 · n · kv_dim (kv_dim = kv_heads · head_dim), L chosen layers
+        return len(self.layer_indices(cfg, spec)) * 2 * cfg.n * spec.kv_dim
 
     def inject(self, backbone, cfg):
         injection = PrefixInjection(backbone, self, cfg)
-        injection.table = attach_prefix(injection, PrefixTable(backbone.spec, cfg.n, hidden=None))
+        injection.table = attach_prefix(injection, PrefixTable(backbone.spec, cfg.n, hidden=None,
+                                                              layers=self.layer_indices(cfg, backbone.spec)))
         return injection
 
 

@@ -99,8 +99,8 @@ class QLoRA(LoRA):
             if device.type != "cpu":  # keep the full-precision original off the accelerator
                 original.to("cpu")
                 injection.on_remove(lambda m=original, d=device: m.to(d))
-        add_lora(injection, target_names(self.name, cfg.targets, backbone.spec), cfg.r, cfg.alpha, cfg.dropout,
-                 dtype=dtype)
+        add_lora(injection, target_names(self.name, cfg.targets, backbone.spec), self.layer_knobs(cfg, backbone.spec),
+                 cfg.alpha, cfg.dropout, dtype=dtype)
         return injection
 
 

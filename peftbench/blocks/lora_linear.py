@@ -92,10 +92,13 @@ class LoRALinear(nn.Module):
     def _can_fuse(self, x: torch.Tensor) -> bool:
         """The fused function computes what the module path does (up to float rounding: the
         same sums in another order); it is used when the base is a plain float Linear or Conv1D
-        without hooks, frozen (no gradient for W, b), the LoRA input is x itself (no dropout
+        without hooks, frozen (no gradient for W, b), A and B plain ``nn.Linear`` (not replaced by
+        quantised ones), the LoRA input is x itself (no dropout
         while training), autocast is off and x, W, A, B share one dtype."""
         base = self.base_layer
         if not self.fused or self._base_kind is None or type(base) is not self._base_type:
+            return False
+        if type(self.lora_A) is not nn.Linear or type(self.lora_B) is not nn.Linear:  # e.g. int8-quantised
             return False
         if self.training and isinstance(self.dropout, nn.Dropout):
             return False
@@ -293,23 +296,27 @@ class LoRAInjection(Injection):
             layer.unmerge()
 
 
-def add_lora(injection: LoRAInjection, names: list[str], r: int, alpha: float, dropout: float,
+def add_lora(injection: LoRAInjection, names: list[str], r: int | dict[int, int], alpha: float, dropout: float,
              dtype: torch.dtype | None = None) -> list[LoRALinear]:
-    """Wrap every layer's sites ``names`` in LoRA (rank ``r``, ``alpha``, input ``dropout``; ``dtype`` of A
-    and B, default the base's): slices of one fused module share one ``SlicedLoRALinear``. Each wrapper
-    replaces its module through ``injection.replace`` (A and B owned: saved, counted) and is appended to
+    """Wrap the sites ``names`` in LoRA: in every layer at rank ``r`` (an int), or in the layers of
+    ``r = {layer: rank}`` only, each at its layer's rank (``alpha``, input ``dropout``; ``dtype`` of A and B,
+    default the base's). Slices of one fused module share one ``SlicedLoRALinear``. Each wrapper replaces
+    its module through ``injection.replace`` (A and B owned: saved, counted) and is appended to
     ``injection.lora_layers``, which is returned."""
+    ranks = r if isinstance(r, dict) else None
     groups: dict[int, list[Site]] = {}
     for name in names:
         for site in injection.backbone.sites(name):
-            groups.setdefault(id(site.module), []).append(site)
+            if ranks is None or site.layer in ranks:
+                groups.setdefault(id(site.module), []).append(site)
     for sites in groups.values():
         site = sites[0]
+        rank = ranks[site.layer] if ranks is not None else r
         if site.out_slice is None:
-            layer = LoRALinear(site.module, r, alpha, dropout, dtype=dtype)
+            layer = LoRALinear(site.module, rank, alpha, dropout, dtype=dtype)
         else:
             slices = sorted(s.out_slice for s in sites)
-            layer = SlicedLoRALinear(site.module, r, alpha, dropout, slices=slices, dtype=dtype)
+            layer = SlicedLoRALinear(site.module, rank, alpha, dropout, slices=slices, dtype=dtype)
         layer.train(site.module.training)
         injection.replace(site.parent, site.attr, layer, owned={"lora_A": layer.lora_A, "lora_B": layer.lora_B})
         injection.lora_layers.append(layer)

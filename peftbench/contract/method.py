@@ -10,10 +10,11 @@ The class attributes below are what the core asks of a method; it never names on
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from peftbench.contract.placement import LAYERS_ALLOWED, parse_layers, resolve_layers
 from peftbench.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -25,6 +26,26 @@ class MethodConfig(BaseModel):
     """Base for method configs: unknown fields are errors, values are validated."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PerLayerConfig(MethodConfig):
+    """Base config of a per-layer method: ``layers``, ``layer_sizes``, ``allocation`` (``contract.placement``)."""
+
+    layers: list[int] | str | None = Field(None, description=f"layers to adapt: {LAYERS_ALLOWED}; default all")
+    layer_sizes: list[int] | None = Field(None, min_length=1, description="one knob value per chosen layer, bottom "
+                                          "to top, instead of the uniform knob (pins the size)")
+    allocation: Literal["uniform", "importance"] = Field(
+        "uniform", description="uniform: the knob in every chosen layer; importance: after a warm-up of the uniform "
+                               "method, the same total spread over the layers by first-order Taylor importance")
+    allocation_steps: int = Field(20, ge=1, description="warm-up optimizer steps that measure the importance")
+
+    _layers = field_validator("layers", mode="before")(lambda value: parse_layers(value))
+
+    @model_validator(mode="after")
+    def _sizes(self):
+        if self.layer_sizes is not None and any(s < 1 for s in self.layer_sizes):
+            raise ValueError(f"layer_sizes {self.layer_sizes} must all be >= 1")
+        return self
 
 
 def format_validation_error(prefix: str, exc: ValidationError) -> str:
@@ -121,6 +142,9 @@ class Method:
     #: ``Injection.merge()`` folds everything the method adds into the backbone's own weights, so
     #: the merged model is a plain transformers checkpoint (``peftbench export --format merged``)
     mergeable: ClassVar[bool] = False
+    #: a per-layer method (Config a ``peftbench.PerLayerConfig``) whose knob may differ by layer
+    #: (``layer_sizes``, ``allocation: importance``); False: it takes ``layers`` but one size for all
+    per_layer_sizes: ClassVar[bool] = True
 
     # -- configs ---------------------------------------------------------------------------
     def config(self, values: dict[str, Any] | MethodConfig | None = None, **overrides) -> MethodConfig:
@@ -162,8 +186,36 @@ class Method:
 
     def pinned_fields(self, values: dict[str, Any]) -> list[str]:
         """The size fields a user's config ``values`` sets (the knob and ``size_fields``)."""
-        fields = (*([self.knob] if self.knob else []), *self.size_fields)
+        fields = (*([self.knob] if self.knob else []), *self.size_fields, "layer_sizes")
         return [f for f in dict.fromkeys(fields) if values.get(f) is not None]
+
+    # -- placement (``peftbench.contract.placement``) -------------------------------------------
+    def layer_indices(self, cfg: MethodConfig, spec: "BackboneSpec") -> list[int]:
+        """The layers ``cfg`` adapts, ascending: its ``layers`` resolved on ``spec`` (every layer when the
+        config has no ``layers``); ConfigError for layers the backbone lacks or an allocation the method refuses."""
+        where = f"method {self.name!r}: "
+        if not self.per_layer_sizes and (getattr(cfg, "layer_sizes", None) is not None
+                                         or getattr(cfg, "allocation", "uniform") != "uniform"):
+            raise ConfigError(f"{where}one size in every layer: fields 'layer_sizes' and 'allocation' "
+                              f"are not allowed (allowed: 'layers')")
+        return resolve_layers(getattr(cfg, "layers", None), spec.layers, where)
+
+    def layer_knobs(self, cfg: MethodConfig, spec: "BackboneSpec", uniform: int | None = None) -> dict[int, int]:
+        """``{layer: knob value}`` over ``layer_indices``: ``cfg.layer_sizes`` when set (checked against the
+        layers and ``knob_range``), else ``uniform`` (default: the knob's value) in every layer."""
+        layers = self.layer_indices(cfg, spec)
+        sizes = getattr(cfg, "layer_sizes", None)
+        if sizes is None:
+            return dict.fromkeys(layers, self.knob_value(cfg) if uniform is None else uniform)
+        where = f"method {self.name!r}: field 'layer_sizes'"
+        if len(sizes) != len(layers):
+            raise ConfigError(f"{where} has {len(sizes)} values for {len(layers)} layers {layers} "
+                              f"(allowed: one per chosen layer, bottom to top)")
+        lo, hi = self.knob_range(cfg, spec)
+        bad = [s for s in sizes if not lo <= s <= hi]
+        if bad:
+            raise ConfigError(f"{where} has {bad}, out of range on {spec.name} (allowed {lo}..{hi})")
+        return dict(zip(layers, sizes))
 
     def secondary_values(self, cfg: MethodConfig, spec: "BackboneSpec") -> list[int]:
         """Candidates for ``secondary``, largest first (the solver takes the largest that reaches)."""
@@ -193,6 +245,7 @@ class Method:
                 f"method {self.name!r}: field {self.knob!r} = {value} is out of range on "
                 f"{spec.name} (allowed {lo}..{hi})"
             )
+        self.layer_knobs(cfg, spec)  # placement (a per-layer config): its layers and per-layer sizes
 
     # -- building --------------------------------------------------------------------------
     def inject(self, backbone: "Backbone", cfg: MethodConfig) -> "Injection":

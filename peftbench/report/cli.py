@@ -21,6 +21,10 @@ def add_report_arguments(parser) -> None:
                                       "of a suite folder: its report then goes to <out>/<folder name>")
     parser.add_argument("--out", default="reports", metavar="DIR",
                         help="folder holding the suites, where the report is written (default: reports)")
+    parser.add_argument("--int8", action="store_true",
+                        help="also quantise every finished trial's saved method weights to int8 (torch dynamic "
+                             "quantisation) and add INT8 columns per budget: stored size, validation metric change, "
+                             "inference time ratio (computed once per trial, cached in its folder as int8.json)")
 
 
 def _source(args, out: Path) -> Path:
@@ -63,6 +67,6 @@ def main_report(args, registry=None) -> int:
     # a suite this process cannot write is read as it lies (never written, nor migrated)
     readonly = not all(os.access(p, os.W_OK) for p in (source, source / STORE_FILE))
     with Store(source / STORE_FILE, create=False, registry=registry, readonly=readonly) as store:
-        path = write_report(source, store, registry, target)
+        path = write_report(source, store, registry, target, int8=getattr(args, "int8", False))
     print(f"wrote {path}")
     return 0

@@ -48,6 +48,9 @@ def canonical_json(data: Any) -> str:
 #: training fields added after trials were first stored: left out of an id while unset, so the
 #: trials stored before them keep their ids
 ADDED_TRAINING_FIELDS = ("step_cap",)
+#: method config fields added later (placement, ``contract.placement``) with their defaults: at the default
+#: they stay out of the id, so a trial keeps the id it had before they existed
+ADDED_METHOD_FIELDS = {"layers": None, "layer_sizes": None, "allocation": "uniform", "allocation_steps": 20}
 
 
 class TrainingSpec(_Frozen):
@@ -129,7 +132,8 @@ class TrialSpec(_Frozen):
             "task": self.task.model_dump(mode="json"),
             "backbone": self.backbone,
             "method": self.method,
-            "method_config": self.method_config,
+            "method_config": {k: v for k, v in self.method_config.items()
+                              if k not in ADDED_METHOD_FIELDS or v != ADDED_METHOD_FIELDS[k]},
             "budget": self.budget,
             "seed": self.seed,
             "lr": self.lr,

@@ -21,6 +21,7 @@ from peftbench.contract.apply import apply
 from peftbench.contract.injection import WEIGHTS_FILE
 from peftbench.errors import ConfigError, VerificationError
 from peftbench.results.records import TrialResult, TrialSpec
+from peftbench.running.allocation import allocate
 from peftbench.running.costs import PeakMemory, environment, latency_ratio, machine_load
 from peftbench.running.distributed import rank_and_world
 from peftbench.running.options import RunOptions
@@ -110,6 +111,7 @@ def run_trial(spec: TrialSpec, options: RunOptions, artifacts: str | None, regis
         from peftbench.backbones.fingerprint import fingerprint
 
         base_sha256 = metadata["backbone_sha256"] if metadata else fingerprint(backbone)
+    spec = allocate(method, backbone, spec, data, task, device, folder)  # allocation: importance sets layer_sizes
     injection = applied(method, backbone, spec)
     backbone.model.to(device)
     if spec.init_from:  # two-stage training: the checked injection starts from the source's weights
