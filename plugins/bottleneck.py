@@ -253,6 +253,8 @@ class BottleneckConfig(peftbench.PerLayerConfig):
     init_scale: float = Field(1e-3, gt=0, le=1e-2, description="std of the normal init (Houlsby: robust below 1e-2)")
     train_layer_norms: bool = Field(False, description="also train the adapted blocks' LayerNorms")
 
+    id_fields_at_default = ("layers",)  # bottleneck trials stored layers: null before placement: their ids stay
+
     @model_validator(mode="after")
     def _one_size(self):
         if self.m is not None and self.reduction_factor is not None:

@@ -39,6 +39,10 @@ class PerLayerConfig(MethodConfig):
                                "method, the same total spread over the layers by first-order Taylor importance")
     allocation_steps: int = Field(20, ge=1, description="warm-up optimizer steps that measure the importance")
 
+    #: fields kept in a trial's id even at their default (``results.records.method_config_dump``): a method
+    #: that had one of them before it became common lists it, so its stored trials keep their ids
+    id_fields_at_default: ClassVar[tuple[str, ...]] = ()
+
     _layers = field_validator("layers", mode="before")(lambda value: parse_layers(value))
 
     @model_validator(mode="after")

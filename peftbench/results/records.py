@@ -53,6 +53,18 @@ ADDED_TRAINING_FIELDS = ("step_cap",)
 ADDED_METHOD_FIELDS = {"layers": None, "layer_sizes": None, "allocation": "uniform", "allocation_steps": 20}
 
 
+def method_config_dump(cfg) -> dict:
+    """A method config as a trial stores it: the added fields above left out at their defaults, except
+    those its config class names in ``id_fields_at_default`` (fields it had, and stored, before they
+    became common to every per-layer method), so every trial keeps the id it had before."""
+    data = cfg.model_dump(mode="json")
+    keep = getattr(type(cfg), "id_fields_at_default", ())
+    for key, default in ADDED_METHOD_FIELDS.items():
+        if key in data and data[key] == default and key not in keep:
+            del data[key]
+    return data
+
+
 class TrainingSpec(_Frozen):
     """How a trial trains: every setting that can change its numbers (the learning rate is on the spec)."""
 
@@ -132,8 +144,7 @@ class TrialSpec(_Frozen):
             "task": self.task.model_dump(mode="json"),
             "backbone": self.backbone,
             "method": self.method,
-            "method_config": {k: v for k, v in self.method_config.items()
-                              if k not in ADDED_METHOD_FIELDS or v != ADDED_METHOD_FIELDS[k]},
+            "method_config": self.method_config,  # as method_config_dump left it
             "budget": self.budget,
             "seed": self.seed,
             "lr": self.lr,

@@ -17,7 +17,7 @@ from peftbench.backbones.backbone import spec_for
 from peftbench.budget import parse_budget, solve, solved_config
 from peftbench.report.format import table
 from peftbench.errors import BudgetError, ConfigError
-from peftbench.results.records import TrialSpec
+from peftbench.results.records import TrialSpec, method_config_dump
 from peftbench.running.config import SuiteConfig, default_methods
 from peftbench.tasks.data import backbone_task_kind, raw_data, task_for
 from peftbench.tasks.entry import TaskEntry
@@ -141,7 +141,7 @@ def _trial(suite_name_: str, task_entry: TaskEntry, task, backbone: str, spec, m
         cfg = solved_config(method, cfg, sol)
     return TrialSpec(
         suite=suite_name_, role=role, task=task_entry, backbone=backbone, method=method.name,
-        method_config=cfg.model_dump(mode="json"), budget=budget, seed=seed, lr=lr, training=training,
+        method_config=method_config_dump(cfg), budget=budget, seed=seed, lr=lr, training=training,
         primary_metric=task.primary_metric, direction=task.direction, knob=method.knob,
         knob_value=method.knob_value(cfg) if method.knob else None,
         knob_step=sol.step,
@@ -171,7 +171,7 @@ def with_values(plan: Plan, spec: TrialSpec, values: dict, registry, **update) -
         if not sol.reachable:
             raise BudgetError(f"{spec.method} at {spec.budget} with {fields}: {sol.note}")
         cfg = solved_config(method, cfg, sol) if budget else cfg
-        data.update(method_config=cfg.model_dump(mode="json"), knob_value=method.knob_value(cfg) if method.knob else None,
+        data.update(method_config=method_config_dump(cfg), knob_value=method.knob_value(cfg) if method.knob else None,
                     trainable_params=sol.params, stored_params=sol.stored)
         if budget:
             data.update(knob_step=sol.step, target_params=sol.target)

@@ -74,6 +74,7 @@ class IA3(peftbench.Method):
     aliases = ("ia³",)
     default_lr = 3e-3
     mergeable = True
+    in_default_grid = False  # a bare `peftbench run` stays the built-in comparison; name it: --methods ia3,lora
 
     class Config(peftbench.MethodConfig):
         attention: list[str] = Field(default_factory=lambda: ["k", "v"],
