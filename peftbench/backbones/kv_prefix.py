@@ -59,6 +59,18 @@ class _Prefix:
 class _Slot:
     prefix: _Prefix
     layer: int
+    enabled: bool = True  # off: the layer attends without its prefix (layer ablation)
+
+
+class Attachment:
+    """What ``attach_kv_prefix`` installed: call it to undo; ``slots``: layer -> its slot (``enabled``)."""
+
+    def __init__(self, undo: Callable[[], None], slots: dict[int, _Slot]):
+        self._undo = undo
+        self.slots = slots
+
+    def __call__(self) -> None:
+        self._undo()
 
 
 def _widen_mask(mask: torch.Tensor | None, module, query: torch.Tensor, key_len: int, n: int) -> torch.Tensor:
@@ -93,7 +105,7 @@ def _batched(prefix: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
 
 def prefix_attention(module, query, key, value, attention_mask, **kwargs):
     slot: _Slot | None = module.__dict__.get(_SLOT)
-    if slot is None:
+    if slot is None or not slot.enabled:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     # query: (B, H, q, D); key/value: (B, H_kv, k, D) after the cache update; prefix: (B, H_kv, n, D)
     prefix_key, prefix_value = slot.prefix.provider(slot.layer, query.shape[0])
@@ -116,17 +128,18 @@ AttentionInterface.register(NAME, prefix_attention)
 AttentionMaskInterface.register(NAME, prefix_mask)
 
 
-def attach_kv_prefix(backbone, provider: Provider, layers: list[int] | None = None) -> Callable[[], None]:
-    """Install ``provider`` on the attention module of each layer; return the undo."""
+def attach_kv_prefix(backbone, provider: Provider, layers: list[int] | None = None) -> Attachment:
+    """Install ``provider`` on the attention module of each layer; return the undo (an ``Attachment``)."""
     model = backbone.model
     before = model.config._attn_implementation
     if before == NAME:
         raise ConfigError(f"backbone {backbone.name!r} already carries a key/value prefix; remove it first")
     prefix = _Prefix(provider)
-    modules = []
+    modules, slots = [], {}
     for i in layers if layers is not None else range(backbone.spec.layers):
         attention = backbone.site(i, "attention").module
-        attention.__dict__[_SLOT] = _Slot(prefix, i)
+        slot = slots[i] = _Slot(prefix, i)
+        attention.__dict__[_SLOT] = slot
         modules.append(attention)
     model.set_attn_implementation(NAME)
 
@@ -135,4 +148,4 @@ def attach_kv_prefix(backbone, provider: Provider, layers: list[int] | None = No
             attention.__dict__.pop(_SLOT, None)
         model.set_attn_implementation(before)
 
-    return undo
+    return Attachment(undo, slots)
