@@ -10,7 +10,7 @@ at the end (the default), right after another section and that section's subsect
 (``after=``), or right before one (``before=``), naming it by its key or its title. Built-in keys: ``title``, ``setup``,
 ``diagnostics``, ``results/<task>/<backbone>``, ``results/<task>/<backbone>/<budget or none>``,
 ``search/<task>/<backbone>/<budget or none>`` (inside its budget), ``pareto/<task>/<backbone>``,
-``relative/<task>/<backbone>``, ``ablation``, ``ablation/<task>/<backbone>/<budget or none>``, ``failures``.
+``relative/<task>/<backbone>``, ``gradient-checkpointing``, ``ablation``, ``ablation/<task>/<backbone>/<budget or none>``, ``failures``.
 """
 
 from __future__ import annotations

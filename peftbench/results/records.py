@@ -47,7 +47,7 @@ def canonical_json(data: Any) -> str:
 
 #: training fields added after trials were first stored: left out of an id while unset, so the
 #: trials stored before them keep their ids
-ADDED_TRAINING_FIELDS = ("step_cap",)
+ADDED_TRAINING_FIELDS = ("step_cap", "gradient_checkpointing")
 
 
 class TrainingSpec(_Frozen):
@@ -71,6 +71,14 @@ class TrainingSpec(_Frozen):
     data_seed: int = Field(0, description="seed of the subsamples (the same for every method and seed)")
     max_new_tokens: int = Field(64, ge=1, description="generation tasks: greedy decoding length")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    gradient_checkpointing: bool | None = Field(
+        None, description="recompute each layer's activations in the backward pass instead of keeping them (less "
+                          "memory, more time per step); false is stored as null (off), so ids stay as they were")
+
+    @field_validator("gradient_checkpointing")
+    @classmethod
+    def _off_is_unset(cls, value: bool | None) -> bool | None:
+        return value or None
 
 
 class TrialSpec(_Frozen):
