@@ -119,5 +119,5 @@ def test_a_suite_with_both_reports_memory_and_step_time_side_by_side(env):
     assert len(rows) == 2, section
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
-        assert cells[1] == "1" and all(c != "—" for c in cells[2:8]), row  # memory and step time, both ways
+        assert cells[1] == "1" and all(c != "—" for c in cells[2:11]), row  # memory, added, step time, both ways
     assert "gradient checkpointing on (houlsby (defaults), ptuning_v2 (defaults): off)" in report  # the Setup

@@ -17,7 +17,7 @@ from peftbench.report.groups import Group, MethodResult
 from peftbench.results.records import canonical_json
 
 MEMORY = {"rss": "the process's peak resident set size from the start of training to the adapter's save (Linux VmHWM, "
-                 "reset there; it includes the backbone's weights and the data already loaded)",
+                 "reset there, else sampled; it includes the backbone's weights and the data already loaded)",
           "cuda": "torch.cuda.max_memory_allocated from the start of training to the adapter's save"}
 
 
@@ -49,18 +49,26 @@ def _change(off: float | None, on: float | None) -> str:
     return f"{100 * (on - off) / off:+.1f}%"
 
 
+def added(r) -> int | None:
+    """What the trial added to memory: its peak minus the memory when the measurement started."""
+    if r.peak_mem_bytes is None or r.mem_start_bytes is None:
+        return None
+    return r.peak_mem_bytes - r.mem_start_bytes
+
+
+def _figure(off: MethodResult, on: MethodResult, value, unit: str) -> list[str]:
+    """Without, with (mean over seeds and range) and the change of the means."""
+    values = [[v for v in map(value, m.results) if v is not None] for m in (off, on)]
+    return [fmt_spread(values[0], unit), fmt_spread(values[1], unit), _change(*(_mean(v) for v in values))]
+
+
 def _row(g: Group, off: MethodResult, on: MethodResult) -> list[str]:
-    mem = [_mean([r.peak_mem_bytes for r in m.results]) for m in (off, on)]
-    step = [_mean([r.step_time_s for r in m.results]) for m in (off, on)]
     metric = [m.summary.mean if m.summary else None for m in (off, on)]
     decimals = decimals_for([v for v in metric if v is not None])
     return [off.spec.method, str(min(len(off.results), len(on.results))),
-            fmt_spread([r.peak_mem_bytes for r in off.results if r.peak_mem_bytes is not None], "bytes"),
-            fmt_spread([r.peak_mem_bytes for r in on.results if r.peak_mem_bytes is not None], "bytes"),
-            _change(*mem),
-            fmt_spread([r.step_time_s for r in off.results if r.step_time_s is not None], "seconds"),
-            fmt_spread([r.step_time_s for r in on.results if r.step_time_s is not None], "seconds"),
-            _change(*step), fmt_num(metric[0], decimals), fmt_num(metric[1], decimals)]
+            *_figure(off, on, lambda r: r.peak_mem_bytes, "bytes"), *_figure(off, on, added, "bytes"),
+            *_figure(off, on, lambda r: r.step_time_s, "seconds"), fmt_num(metric[0], decimals),
+            fmt_num(metric[1], decimals)]
 
 
 def checkpointing_sections(ctx: ReportContext) -> list[Section]:
@@ -72,8 +80,9 @@ def checkpointing_sections(ctx: ReportContext) -> list[Section]:
         if not found:
             continue
         kinds |= {r.mem_kind for off, on in found for m in (off, on) for r in m.results if r.mem_kind}
-        headers = ["Method", "Seeds", "Peak memory, without", "Peak memory, with", "Change", "Step time, without",
-                   "Step time, with", "Change", f"Test {g.primary}, without", f"Test {g.primary}, with"]
+        headers = ["Method", "Seeds", "Peak memory, without", "Peak memory, with", "Change", "Added, without",
+                   "Added, with", "Change", "Step time, without", "Step time, with", "Change",
+                   f"Test {g.primary}, without", f"Test {g.primary}, with"]
         where = f"{g.task} on {g.backbone}" + (f", budget {g.budget}" if g.budget else "")
         tables += [f"**{where}**", "", *table(headers, [_row(g, off, on) for off, on in found],
                                               set(range(1, len(headers)))), ""]
@@ -83,5 +92,8 @@ def checkpointing_sections(ctx: ReportContext) -> list[Section]:
     intro = ("Each method trained with gradient checkpointing (every layer's activations recomputed in the backward "
              "pass instead of kept; transformers' non-reentrant checkpointing) beside the same method, config, "
              "learning rate and seeds trained without it. Peak memory: mean over seeds (min–max); "
-             f"{how}. Step time: the median optimizer step, mean over seeds. Change: with against without.")
+             f"{how}. Added: the peak minus the memory when its measurement started (what training, its "
+             "validation and test passes and the save added on top of the loaded model and data; — for trials "
+             "stored before it was recorded). Step time: the median optimizer step, mean over seeds. Change: with "
+             "against without, of the means.")
     return [Section("\n".join([intro, "", *tables]), title="Gradient checkpointing", key="gradient-checkpointing")]

@@ -219,6 +219,8 @@ class TrialResult(_Frozen):
     step_time_s: float | None = None
     peak_mem_bytes: int | None = None
     mem_kind: str | None = None
+    mem_start_bytes: int | None = Field(None, description="the memory (of mem_kind) when the peak's measurement "
+                                                           "started: peak minus it is what training added")
     inference_overhead: float | None = None
     train_time_s: float | None = None
     steps: int | None = None
