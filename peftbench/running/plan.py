@@ -266,20 +266,21 @@ def print_plan(plan: Plan, done: set[str] | None = None) -> None:
     print("budget: a method's trainable parameters / backbone parameters (task head excluded)\n")
     rows, seen = [], {}
     for t in plan.trials:
-        key = (t.task.name, t.backbone, t.method, t.budget)
+        key = (t.task.name, t.backbone, t.display, t.budget)  # a method listed twice: one row per variant
         if key in seen:
             seen[key][-1] += 1
             continue
         status = "run" if t.matched else "pinned, unmatched" if t.pinned else "nearest size"
         knob = f"{t.knob}={t.knob_value}" if t.knob else "—"
-        rows.append([t.task.name, t.backbone, t.budget or "—", t.method, knob, f"{t.trainable_params:,}",
+        rows.append([t.task.name, t.backbone, t.budget or "—", t.display, knob, f"{t.trainable_params:,}",
                      f"{t.achieved_pct:.3f}%", f"{t.lr:g}", status, 1])
         seen[key] = rows[-1]
     print("\n".join(table(["task", "backbone", "budget", "method", "knob", "trainable", "achieved", "lr", "status",
                            "seeds"], [[str(c) for c in row] for row in rows])))
-    for t in plan.trials:
-        if t.seed == plan.suite.seed_list()[0] and t.note and t.budget:
-            print(f"\n{t.method} at {t.budget}: {t.note}")
+    notes = dict.fromkeys(f"{t.method} at {t.budget}: {t.note}" for t in plan.trials
+                          if t.seed == plan.suite.seed_list()[0] and t.note and t.budget)
+    for note in notes:  # once, however many variants share it
+        print(f"\n{note}")
     n_done = sum(1 for t in plan.trials if t.trial_id in done)
     unmatched = sum(1 for t in plan.trials if not t.matched)
     print(f"\nsuite {plan.name}: {len(plan.trials)} trials ({n_done} already done, {len(plan.trials) - n_done} to run), "
