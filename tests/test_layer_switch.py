@@ -112,3 +112,24 @@ def test_third_party_method_gets_the_switch():
     with injection.layers_disabled({0, 1}):
         torch.testing.assert_close(_logits(backbone, batch), _logits(plain, batch), rtol=0, atol=0)
     assert torch.equal(_logits(backbone, batch), trained)
+
+
+def test_a_method_in_some_layers_switches_only_those(tmp_path):
+    """Houlsby in layer 1 only: its switch names layer 1; switching layer 0 off changes nothing, 1 off gives
+    the plain backbone with the head (the switch toggles what was injected, wherever the method put it)."""
+    method = REGISTRY.method("houlsby")
+    source = tiny_backbone("bert")
+    injection = peftbench.apply(method, source, method.config({"m": 2, "layers": [1]}))
+    perturb(injection)
+    injection.save(tmp_path / "adapter")
+    backbone = tiny_backbone("bert")
+    injection = peftbench.load_injection(backbone, tmp_path / "adapter", REGISTRY)
+    plain = tiny_backbone("bert")
+    batch = batch_for(backbone)
+    assert injection.layers() == [1]
+    trained = _logits(backbone, batch)
+    with injection.layers_disabled({0}):
+        assert torch.equal(_logits(backbone, batch), trained)
+    with injection.layers_disabled({1}):
+        torch.testing.assert_close(_logits(backbone, batch), _logits(plain, batch), rtol=1e-5, atol=1e-5)
+    assert torch.equal(_logits(backbone, batch), trained)
