@@ -115,8 +115,10 @@ def test_a_rerun_reuses_the_file_and_changed_weights_are_recomputed(suite, ablat
             tensors[name] = tensors[name] * 0
     save_file(tensors, weights)
     try:
-        assert main(["ablate", str(suite["dir"]), "--quiet", "--no-report", "--method", "lora"]) == 0
-        assert "ablated 1 trial(s)" in capsys.readouterr().out
+        assert main(["ablate", str(suite["dir"]), "--no-report", "--method", "lora"]) == 0
+        out = capsys.readouterr()
+        assert "ablated 1 trial(s)" in out.out
+        assert "ablation: 100%" in out.err and "4/4" in out.err  # progress: the baseline and 3 spans
         entry = read_ablation(suite["dir"])["trials"][record.trial_id]
         assert set(entry["spans"].values()) == {entry["baseline"]}  # a zero LoRA update: nothing to switch off
     finally:

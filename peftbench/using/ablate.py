@@ -96,7 +96,7 @@ class Validation:
 
 def ablate_trial(suite_dir: Path, record, registry, device: torch.device, batch_size: int, tick) -> dict:
     """The entry of one trial: its baseline and every span's metric (``spans`` None when its method added
-    nothing to the layers); ``tick()`` is called after each evaluation."""
+    nothing to the layers); ``tick(0, n)`` announces its n evaluations, ``tick()`` follows each."""
     from peftbench.using.load import load_trial
     from peftbench.using.locate import Located, trial_adapter
 
@@ -110,6 +110,7 @@ def ablate_trial(suite_dir: Path, record, registry, device: torch.device, batch_
     layers = model.backbone.spec.layers
     t0 = time.perf_counter()
     validation = Validation(s, model.backbone, registry, device, batch_size)
+    tick(0, len(spans(layers)) + 1)  # this trial's evaluations join the progress bar's total
     baseline = validation.score()
     tick()
     values = {}
@@ -199,15 +200,24 @@ def ablate(suite_dir: str | Path, methods: list[str] | None = None, budget: str 
     if not quiet:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=None, unit="eval", desc="ablation", file=sys.stderr, dynamic_ncols=True)
+        bar = tqdm(total=0, unit="eval", desc="ablation", file=sys.stderr, dynamic_ncols=True)
+
+    def tick(evaluated: int = 1, more: int = 0) -> None:
+        if bar is None:
+            return
+        bar.total += more
+        if evaluated:
+            bar.update(evaluated)
+        else:
+            bar.refresh()
+
     t0, done = time.perf_counter(), 0
     try:
         for n, record in enumerate(todo, 1):
             s = record.spec
             if bar is not None:
                 bar.set_postfix_str(f"trial {n}/{len(todo)}: {s.display} {s.budget or ''} seed {s.seed}")
-            entry = ablate_trial(suite_dir, record, registry, device, batch_size,
-                                 bar.update if bar is not None else (lambda: None))
+            entry = ablate_trial(suite_dir, record, registry, device, batch_size, tick)
             if entry["spans"] is None:
                 data["not_per_layer"][record.trial_id] = entry
                 skipped.append(_not_per_layer(record))
