@@ -131,6 +131,7 @@ def test_a_rerun_reuses_the_file_and_changed_weights_are_recomputed(suite, ablat
     (["--budget", "3%"], "--budget '3%': no finished trial has it; the suite has: 5%"),
     (["--task", "nope"], "--task 'nope': no finished trial has it"),
     (["--batch-size", "0"], "--batch-size 0: give a positive number"),
+    (["--threads", "0"], "--threads 0: give a positive number of torch CPU threads"),
 ])
 def test_bad_selectors_are_one_clear_line(suite, argv, message, capsys):
     assert main(["ablate", str(suite["dir"]), "--quiet", *argv]) == 2

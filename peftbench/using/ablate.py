@@ -218,6 +218,7 @@ def ablate(suite_dir: str | Path, methods: list[str] | None = None, budget: str 
             if bar is not None:
                 bar.set_postfix_str(f"trial {n}/{len(todo)}: {s.display} {s.budget or ''} seed {s.seed}")
             entry = ablate_trial(suite_dir, record, registry, device, batch_size, tick)
+            data = read_ablation(suite_dir)  # what another ablate of this suite wrote meanwhile is kept
             if entry["spans"] is None:
                 data["not_per_layer"][record.trial_id] = entry
                 skipped.append(_not_per_layer(record))
@@ -250,6 +251,10 @@ def cmd_ablate(args) -> int:
     if not (suite_dir / STORE_FILE).is_file():
         raise ConfigError(f"{suite_dir} is not a suite folder: it holds no {STORE_FILE}")
     registry = get_registry(plugins_dir=getattr(args, "plugins_dir", None))
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads {args.threads}: give a positive number of torch CPU threads")
+        torch.set_num_threads(args.threads)
     ablate(suite_dir, split_list(args.method) or None, args.budget, args.task, args.backbone, args.device,
            args.batch_size, registry, quiet=args.quiet)
     if not args.no_report:
@@ -269,6 +274,8 @@ def add_command(sub) -> None:
     p.add_argument("--backbone", help="only the trials on this backbone (default: every backbone)")
     p.add_argument("--device", default="cpu", help="auto, cpu, cuda, cuda:N or mps (default: cpu)")
     p.add_argument("--batch-size", type=int, default=64, help="validation examples per forward pass (default: 64)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, every CPU; 1 is faster on a "
+                                                 "busy machine)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--no-report", action="store_true", help="only write ablation.json, not the suite's report")
     p.set_defaults(func=cmd_ablate)
