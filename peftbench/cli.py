@@ -13,6 +13,7 @@ from peftbench.report import add_report_arguments, main_report
 from peftbench.report.format import table
 from peftbench.running.flags import attach_negative_values, split_list
 from peftbench.running.runner import add_run_arguments, main_run
+from peftbench.using.ablate import add_command as add_ablate_command
 from peftbench.using.cli import add_commands as add_using_commands
 
 
@@ -198,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_download)
 
     add_using_commands(sub)  # predict, export: use a trained adapter
+    add_ablate_command(sub)  # ablate: switch a trained method off, span of layers by span
     return parser
 
 

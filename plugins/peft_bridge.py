@@ -190,13 +190,13 @@ class BridgeInjection(peftbench.Injection):
 
     def __init__(self, backbone, method, cfg):
         super().__init__(backbone, method, cfg)
-        self.layers: list[nn.Module] = []  # peft's tuner layers (BaseTunerLayer)
+        self.tuner_layers: list[nn.Module] = []  # peft's tuner layers (BaseTunerLayer)
         self._kept: list[tuple[nn.Module, list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]]]] = []
 
     def merge(self) -> None:
         if self._kept:
             return
-        for layer in self.layers:
+        for layer in self.tuner_layers:
             base = layer.get_base_layer()
             params = [(p, p.data, p.detach().clone()) for p in base.parameters()]  # (param, its tensor, values)
             self._kept.append((base, params))
@@ -205,7 +205,7 @@ class BridgeInjection(peftbench.Injection):
 
     def unmerge(self) -> None:
         """Back to the weights before ``merge``, bit for bit (peft's unmerge subtracts: rounding)."""
-        for layer, (base, params) in zip(self.layers, self._kept):
+        for layer, (base, params) in zip(self.tuner_layers, self._kept):
             if layer.get_base_layer() is not base:  # a tuner that merges by swapping modules (LN tuning)
                 layer.unmerge()
                 continue
@@ -419,7 +419,7 @@ class PeftMethod(peftbench.Method):
             owned = {n: getattr(layer, n) for n in layer.adapter_layer_names
                      if isinstance(getattr(layer, n, None), nn.Module) and ADAPTER in getattr(layer, n)}
             injection.replace(site.parent, site.attr, layer, owned=owned)
-            injection.layers.append(layer)
+            injection.tuner_layers.append(layer)
         return injection
 
 

@@ -80,6 +80,18 @@ class _Slot:
     prefix: _Prefix
     layer: int
     active: bool = True  # False: a layer left without a prefix (it still runs the model's own function)
+    enabled: bool = True  # off: the layer attends without its prefix (layer ablation)
+
+
+class Attachment:
+    """What ``attach_kv_prefix`` installed: call it to undo; ``slots``: layer -> its slot (``enabled``)."""
+
+    def __init__(self, undo: Callable[[], None], slots: dict[int, _Slot]):
+        self._undo = undo
+        self.slots = slots
+
+    def __call__(self) -> None:
+        self._undo()
 
 
 def _widen_mask(mask: torch.Tensor | None, module, query: torch.Tensor, key_len: int, n: int) -> torch.Tensor:
@@ -122,7 +134,7 @@ def prefix_attention(module, query, key, value, attention_mask, **kwargs):
     if slot is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     attend = _eager_function(module) if slot.prefix.eager else sdpa_attention_forward
-    if not slot.active:
+    if not (slot.active and slot.enabled):  # no prefix here, or switched off (layer ablation)
         return attend(module, query, key, value, slot.prefix.plain(attention_mask, query), **kwargs)
     # query: (B, H, q, D); key/value: (B, H_kv, k, D) after the cache update; prefix: (B, H_kv, n, D)
     prefix_key, prefix_value = slot.prefix.provider(slot.layer, query.shape[0])
@@ -145,8 +157,8 @@ AttentionInterface.register(NAME, prefix_attention)
 AttentionMaskInterface.register(NAME, prefix_mask)
 
 
-def attach_kv_prefix(backbone, provider: Provider, layers: list[int] | None = None) -> Callable[[], None]:
-    """Install ``provider`` on the attention module of each layer; return the undo."""
+def attach_kv_prefix(backbone, provider: Provider, layers: list[int] | None = None) -> Attachment:
+    """Install ``provider`` on the attention module of each layer; return the undo (an ``Attachment``)."""
     model = backbone.model
     before = model.config._attn_implementation
     if before == NAME:
@@ -162,9 +174,11 @@ def attach_kv_prefix(backbone, provider: Provider, layers: list[int] | None = No
         model.set_attn_implementation(before)
         raise ConfigError(f"backbone {backbone.name!r} runs eager attention, but the module of its attention "
                           f"({type(sites[0].module).__name__}) has no eager_attention_forward to add a prefix to")
-    modules = []
+    modules, slots = [], {}
     for site in sites:
-        site.module.__dict__[_SLOT] = _Slot(prefix, site.layer, site.layer in chosen)
+        slot = site.module.__dict__[_SLOT] = _Slot(prefix, site.layer, site.layer in chosen)
+        if slot.active:
+            slots[site.layer] = slot
         modules.append(site.module)
 
     def undo():
@@ -172,4 +186,4 @@ def attach_kv_prefix(backbone, provider: Provider, layers: list[int] | None = No
             attention.__dict__.pop(_SLOT, None)
         model.set_attn_implementation(before)
 
-    return undo
+    return Attachment(undo, slots)

@@ -6,7 +6,9 @@ The core offers exactly three insertion mechanisms, each undoable:
 - ``add_hook(module, fn)``: a forward hook on a site (bottleneck adapters, input prompts);
 - ``kv_prefix(provider)``: per-layer key/value prefixes through the attention-function
   registry (prefix tuning, P-tuning v2); see ``peftbench.backbones.kv_prefix``.
-``attach`` hangs a method's own module (its parameters) under a model module so that
+Each mechanism records the backbone layer its thing belongs to, so that ``disable_layers`` /
+``layers_disabled`` can make chosen layers compute as the plain backbone (layer ablation; see
+``peftbench.contract.layers``). ``attach`` hangs a method's own module (its parameters) under a model module so that
 ``model.parameters()``, ``.to(device)`` and the Trainer see it. Injections are made by
 ``peftbench.apply`` (never by calling ``inject`` directly), which records the counted
 ``trainable_params``; ``costs()`` names a method's extra cost figures for the report.
@@ -15,6 +17,7 @@ The core offers exactly three insertion mechanisms, each undoable:
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -24,6 +27,7 @@ from torch import nn
 
 from peftbench.contract.apply import apply
 from peftbench.contract.costs import Cost
+from peftbench.contract.layers import LayerSwitch
 from peftbench.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -49,7 +53,8 @@ class Injection:
         self._base_trainable: dict[str, nn.Parameter] = {}  # base params the method trains
         self.finalized = False
         self.removed = False
-        self._kept_base = False  # trained base parameters' values kept for remove() (see load_state_dict)
+        self._kept_base: dict[str, torch.Tensor] | None = None  # base parameters' values before loading
+        self._switch = LayerSwitch(backbone)  # what was added, by layer; which layers are off
         #: parameters requiring grad after injection (head excluded), counted by ``apply``
         self.trainable_params: int | None = None
 
@@ -65,10 +70,13 @@ class Injection:
         self._undo.append(lambda: (delattr(parent, attr), self._owned.pop(key, None)))
         return module
 
-    def replace(self, parent: nn.Module, attr: str, new: nn.Module, owned: dict[str, nn.Module] | None = None) -> nn.Module:
-        """Put ``new`` where ``parent.<attr>`` was; ``owned`` names new's trainable parts."""
+    def replace(self, parent: nn.Module, attr: str, new: nn.Module, owned: dict[str, nn.Module] | None = None,
+                *, layer: int | None = None) -> nn.Module:
+        """Put ``new`` where ``parent.<attr>`` was; ``owned`` names new's trainable parts; ``layer``: the
+        backbone layer it belongs to (default: the block that holds ``parent``)."""
         old = getattr(parent, attr)
         setattr(parent, attr, new)
+        self._switch.record_replace(parent, attr, old, new, layer)
         keys = []
         for sub, module in (owned or {}).items():
             key = self._key(parent, f"{attr}.{sub}")
@@ -83,8 +91,11 @@ class Injection:
         self._undo.append(undo)
         return new
 
-    def add_hook(self, module: nn.Module, hook: Callable, *, pre: bool = False, with_kwargs: bool = False) -> None:
-        """A forward (or forward-pre) hook on ``module``; removed by ``remove()``."""
+    def add_hook(self, module: nn.Module, hook: Callable, *, pre: bool = False, with_kwargs: bool = False,
+                 layer: int | None = None) -> None:
+        """A forward (or forward-pre) hook on ``module``; removed by ``remove()``; ``layer``: the backbone
+        layer it belongs to (default: the block that holds ``module``; none outside the blocks)."""
+        hook = self._switch.gate_hook(module, hook, layer)
         if pre:
             handle = module.register_forward_pre_hook(hook, with_kwargs=with_kwargs)
         else:
@@ -97,13 +108,17 @@ class Injection:
             before = param.requires_grad
             param.requires_grad_(True)
             self._base_trainable[name] = param
-            self._undo.append(lambda p=param, b=before, n=name: (p.requires_grad_(b), self._base_trainable.pop(n, None)))
+            self._switch.record_base(name, param)
+            self._undo.append(lambda p=param, b=before, n=name: (p.requires_grad_(b), self._base_trainable.pop(n, None),
+                                                                 self._switch.forget([n])))
 
     def kv_prefix(self, provider, layers: list[int] | None = None) -> None:
         """Feed ``provider(layer, batch) -> (key, value)``, each (batch, kv_heads, n, head_dim)."""
         from peftbench.backbones.kv_prefix import attach_kv_prefix
 
-        self._undo.append(attach_kv_prefix(self.backbone, provider, layers))
+        attachment = attach_kv_prefix(self.backbone, provider, layers)
+        self._switch.record_slots(attachment.slots)
+        self._undo.append(attachment)
 
     def on_remove(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` when the injection is removed (after later undos, before earlier ones)."""
@@ -128,10 +143,41 @@ class Injection:
         """Restore the backbone exactly as it was before ``inject``."""
         if self.removed:
             return
+        self.disable_layers(())
         self.unmerge()
         while self._undo:
             self._undo.pop()()
         self.removed = True
+
+    # -- per-layer switch (layer ablation) -----------------------------------------------
+    def layers(self) -> list[int]:
+        """The backbone layers holding something the method added (replaced modules, hooks, key/value
+        prefixes); empty for a method with nothing per-layer (a prompt, the head, full fine-tuning)."""
+        return self._switch.layers()
+
+    @property
+    def disabled_layers(self) -> frozenset[int]:
+        return self._switch.disabled
+
+    def disable_layers(self, layers) -> None:
+        """Make exactly ``layers`` compute as the plain backbone (the others as trained); ``()`` turns every
+        layer back on, exactly as it was. The method is unmerged first (a merged weight is not per-layer)."""
+        if frozenset(layers) and not self.layers():
+            raise ConfigError(f"method {self.method.name!r} is not per-layer: it added nothing to the backbone's "
+                              f"layers that could be switched off")
+        if frozenset(layers):
+            self.unmerge()
+        self._switch.set_disabled(layers, self._kept_base)
+
+    @contextmanager
+    def layers_disabled(self, layers):
+        """``with injection.layers_disabled({2, 3}): ...``: those layers off inside, the previous state after."""
+        before = self.disabled_layers
+        self.disable_layers(layers)
+        try:
+            yield self
+        finally:
+            self.disable_layers(before)
 
     # -- state ---------------------------------------------------------------------------
     def _key(self, parent: nn.Module, attr: str) -> str:
@@ -152,6 +198,9 @@ class Injection:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """What is saved: owned modules' parameters and buffers, trained base parameters."""
+        if self.disabled_layers:
+            raise ConfigError(f"method {self.method.name!r}: layers {sorted(self.disabled_layers)} are switched off; "
+                              f"turn them back on (disable_layers(())) before saving")
         out: dict[str, torch.Tensor] = {}
         for key, module in self._owned.items():
             for name, t in module.state_dict().items():
@@ -182,17 +231,17 @@ class Injection:
     def _keep_base_values(self) -> None:
         """Before loaded weights overwrite base parameters the method trains (Houlsby's LayerNorms, full
         fine-tuning), keep their values, so ``remove()`` restores them too (switching adapters)."""
-        if not self._base_trainable or self._kept_base:
+        if not self._base_trainable or self._kept_base is not None:
             return
-        kept = {name: (p, p.detach().clone()) for name, p in self._base_trainable.items()}
+        kept = self._kept_base = {name: p.detach().clone() for name, p in self._base_trainable.items()}
+        params = dict(self._base_trainable)
 
         def restore():
             with torch.no_grad():
-                for param, value in kept.values():
-                    param.copy_(value)
+                for name, value in kept.items():
+                    params[name].copy_(value)
 
         self._undo.append(restore)
-        self._kept_base = True
 
     def save(self, directory: str | Path, include_head: bool = True, metadata: dict | None = None) -> Path:
         """Write ``adapter_model.safetensors`` (method weights, plus ``head.*``) and the JSON config;

@@ -13,6 +13,8 @@ Modules, one idea each:
 - ``plots``: Pareto (with a linear panel per crowded budget), relative to full fine-tuning, learning curves,
   search sensitivity;
 - ``context``: ``ReportContext`` (what every section reads) and ``Section`` (where it goes);
+- ``checkpointing``: gradient checkpointing beside the same runs without it; ``ablation``: the layer-ablation
+  heatmaps and table, from ``ablation.json`` (``peftbench ablate``);
 - ``setup``, ``diagnostics_section``, ``search`` and ``sections``: the built-in sections; ``plugins``: the
   ``report_sections`` hook;
 - ``render``: assembling ``render`` / ``write_report``; ``cli``: ``peftbench report``.

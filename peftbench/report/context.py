@@ -10,7 +10,7 @@ at the end (the default), right after another section and that section's subsect
 (``after=``), or right before one (``before=``), naming it by its key or its title. Built-in keys: ``title``, ``setup``,
 ``diagnostics``, ``results/<task>/<backbone>``, ``results/<task>/<backbone>/<budget or none>``,
 ``search/<task>/<backbone>/<budget or none>`` (inside its budget), ``pareto/<task>/<backbone>``,
-``relative/<task>/<backbone>``, ``failures``.
+``relative/<task>/<backbone>``, ``gradient-checkpointing``, ``ablation``, ``ablation/<task>/<backbone>/<budget or none>``, ``failures``.
 """
 
 from __future__ import annotations
@@ -88,6 +88,8 @@ class ReportContext:
     groups: list[Group]
     suite_dir: Path
     colors: dict[str, str] = field(default_factory=dict)  # method -> '#rrggbb'
+    #: the suite folder the store was read from (``suite_dir`` is where the report goes; they differ with --out)
+    source_dir: Path | None = None
     fmt: ModuleType = format_module
     stats: ModuleType = stats_module
 

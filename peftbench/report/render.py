@@ -1,8 +1,9 @@
 """``report.md`` and its plots, rendered from the results store alone.
 
 ``peftbench report <suite>`` can run at any time (during a run, after a crash): every
-number comes from ``results.sqlite`` and ``suite.json``, nothing is recomputed from models
-(except with ``--int8``: the INT8 sections quantise the saved weights, ``report.int8``).
+number comes from ``results.sqlite`` and ``suite.json`` (and ``ablation.json`` when
+``peftbench ablate`` ran), nothing is recomputed from models (except with ``--int8``: the INT8
+sections quantise the saved weights, ``report.int8``).
 The output is deterministic for a given store (a golden test pins it).
 
 A report is sections over one context: the context is built once from the store, the
@@ -45,6 +46,7 @@ def build_context(suite_dir: str | Path, store: Store, out_dir: str | Path | Non
         suite=suite_dir.name, info=read_suite_info(suite_dir), records=records, groups=build_groups(records),
         suite_dir=Path(out_dir) if out_dir is not None else suite_dir,
         colors=colors(sorted({r.spec.display for r in records})),  # one colour per method
+        source_dir=suite_dir,
     )
 
 

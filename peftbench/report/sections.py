@@ -3,7 +3,8 @@
 Title, Setup, Diagnostics (every flagged row and why), then for every (task, backbone): a
 heading, one subsection per budget (quality table and notes, costs table, learning curves,
 and the search when one ran), the Pareto plot, and (with several budgets) the plot relative
-to full fine-tuning; last, the trials that did not finish. Plugin sections
+to full fine-tuning; then gradient checkpointing against the same runs without it (when a
+suite ran both) and the layer ablation when ``peftbench ablate`` ran; last, the trials that did not finish. Plugin sections
 are placed among these by the same machinery (``context.place``).
 """
 
@@ -12,6 +13,8 @@ from __future__ import annotations
 from typing import Callable
 
 import peftbench.report.stats as stats
+from peftbench.report.ablation import ablation_sections
+from peftbench.report.checkpointing import checkpointing_sections
 from peftbench.report.context import ReportContext, Section, section_key
 from peftbench.report.diagnostics_section import diagnostics_section
 from peftbench.report.format import decimals_for, fmt_num, slug, table
@@ -139,5 +142,7 @@ BUILTIN: list[tuple[str, Callable[[ReportContext], Section | list[Section]]]] = 
     ("setup", setup_section),
     ("diagnostics", diagnostics_section),
     ("results", results_sections),
+    ("gradient-checkpointing", checkpointing_sections),
+    ("ablation", ablation_sections),
     ("failures", failures_section),
 ]

@@ -113,8 +113,12 @@ def _batches(records: list[TrialRecord]) -> str:
         t = r.spec.training
         return f"{t.batch_size}" + (f" × {t.grad_accum} accumulated" if t.grad_accum > 1 else "")
 
-    return f"batch {by_method(records, accumulated)}, eval batch " + \
+    text = f"batch {by_method(records, accumulated)}, eval batch " + \
         by_method(records, lambda r: str(r.spec.training.eval_batch_size))
+    if any(r.spec.training.gradient_checkpointing for r in records):
+        text += ", gradient checkpointing " + by_method(
+            records, lambda r: "on" if r.spec.training.gradient_checkpointing else "off")
+    return text
 
 
 def _validation(records: list[TrialRecord], done: list[TrialRecord]) -> str:

@@ -47,7 +47,7 @@ def canonical_json(data: Any) -> str:
 
 #: training fields added after trials were first stored: left out of an id while unset, so the
 #: trials stored before them keep their ids
-ADDED_TRAINING_FIELDS = ("step_cap",)
+ADDED_TRAINING_FIELDS = ("step_cap", "gradient_checkpointing")
 #: method config fields added later (placement, ``contract.placement``) with their defaults: at the default
 #: they stay out of the id, so a trial keeps the id it had before they existed
 ADDED_METHOD_FIELDS = {"layers": None, "layer_sizes": None, "allocation": "uniform", "allocation_steps": 20}
@@ -86,6 +86,14 @@ class TrainingSpec(_Frozen):
     data_seed: int = Field(0, description="seed of the subsamples (the same for every method and seed)")
     max_new_tokens: int = Field(64, ge=1, description="generation tasks: greedy decoding length")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    gradient_checkpointing: bool | None = Field(
+        None, description="recompute each layer's activations in the backward pass instead of keeping them (less "
+                          "memory, more time per step); false is stored as null (off), so ids stay as they were")
+
+    @field_validator("gradient_checkpointing")
+    @classmethod
+    def _off_is_unset(cls, value: bool | None) -> bool | None:
+        return value or None
 
 
 class TrialSpec(_Frozen):
@@ -226,6 +234,8 @@ class TrialResult(_Frozen):
     step_time_s: float | None = None
     peak_mem_bytes: int | None = None
     mem_kind: str | None = None
+    mem_start_bytes: int | None = Field(None, description="the memory (of mem_kind) when the peak's measurement "
+                                                           "started: peak minus it is what training added")
     inference_overhead: float | None = None
     train_time_s: float | None = None
     steps: int | None = None

@@ -76,12 +76,16 @@ class InitFrom(_Strict):
 
 class MethodEntry(_Strict):
     """A method with config overrides and its own learning rate: ``{name: lora, config: {alpha: 16}, lr: 5e-4}``;
-    ``init_from`` starts its trials from a trained adapter (``InitFrom``)."""
+    ``init_from`` starts its trials from a trained adapter (``InitFrom``); ``gradient_checkpointing`` overrides
+    the training section's for this entry."""
 
     name: str
     config: dict[str, Any] = Field(default_factory=dict)
     lr: float | None = Field(None, gt=0)
     init_from: InitFrom | None = None
+    gradient_checkpointing: bool | None = Field(
+        None, description="this entry's trials train with (true) or without (false) gradient checkpointing, whatever "
+                          "the training section says: list a method twice to measure both in one suite")
 
 
 class TrainingConfig(TrainingSpec):
@@ -245,7 +249,8 @@ class SuiteConfig(_Strict):
             if init is not None and entry.init_from is None:
                 entry = entry.model_copy(update={"init_from": init})
             # one method twice is fine with two configs (an ablation), or from scratch and from an adapter
-            key = (name, canonical_json(entry.config), canonical_json(init.model_dump() if init else None))
+            key = (name, canonical_json(entry.config), canonical_json(init.model_dump() if init else None),
+                   entry.gradient_checkpointing)
             if key in seen:
                 first = raw[seen[key]]
                 if first.lr != entry.lr:
@@ -278,8 +283,9 @@ class SuiteConfig(_Strict):
         """What identifies the suite's results: everything but where and how it runs."""
         data = self.model_dump(mode="json", exclude=set(SUITE_RUN_ONLY))
         for entry in data.get("methods") or []:  # added later: only when set, so older suites keep their hash
-            if entry.get("init_from") is None:
-                entry.pop("init_from", None)
+            for key in ("init_from", "gradient_checkpointing"):
+                if entry.get(key) is None:
+                    entry.pop(key, None)
         for key in RUN_ONLY:
             data["training"].pop(key, None)
         for key in ADDED_SUITE_FIELDS:  # added later: in the identity only when set, so older suites keep theirs

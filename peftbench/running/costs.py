@@ -98,13 +98,21 @@ class PeakMemory:
         self._sampler: threading.Thread | None = None
         self._peak = 0
         self._running = False
+        #: the memory when ``start()`` reset the peak (CUDA: allocated; CPU: resident): the peak's floor
+        self.start_bytes: int | None = None
 
     def start(self) -> "PeakMemory":
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+            self.start_bytes = int(torch.cuda.memory_allocated(self.device))
             return self
         release_free_memory()
-        if not self._reset_hwm():
+        if self._reset_hwm():
+            self.start_bytes = _status_kib("VmRSS") * 1024 or None
+        else:
+            import psutil
+
+            self.start_bytes = psutil.Process().memory_info().rss
             self._running = True
             self._sampler = threading.Thread(target=self._sample, daemon=True)
             self._sampler.start()

@@ -151,6 +151,9 @@ FLAGS: tuple[Flag, ...] = (
          {"type": limit, "metavar": "N|all"}),
     Flag("eval_every", "training", "optimizer steps between validation passes (default: 25)", "training.eval_every",
          options={"type": int, "metavar": "N"}),
+    Flag("gradient_checkpointing", "training", "recompute each layer's activations in backward instead of keeping "
+         "them: less memory, more time per step (training.gradient_checkpointing: true)",
+         "training.gradient_checkpointing", options={"action": "store_const", "const": True}),
     Flag("lr", "training", "learning rate of a method (repeatable)", "training.lr", "lr",
          {"action": "append", "metavar": "METHOD=LR"}),
     Flag("device", "training", "auto (default), cpu, cuda, cuda:N or mps", "training.device",

@@ -52,17 +52,20 @@ def make_plan(suite: SuiteConfig, registry) -> Plan:
     for entry in suite.methods:
         method = registry.method(entry.name)
         cfg = method.config(entry.config)
+        checkpointing = entry.gradient_checkpointing
         variant = ", ".join([f"{k}={v}" for k, v in sorted(entry.config.items())]
-                            + ([f"init_from={entry.init_from.short}"] if entry.init_from else []))
+                            + ([f"init_from={entry.init_from.short}"] if entry.init_from else [])
+                            + ([f"{'' if checkpointing else 'no '}gradient checkpointing"] if checkpointing is not None
+                               else []))
         variant = (variant or "defaults") if entry.name in twice or entry.init_from else ""
         methods.append(Planned(method, cfg, learning_rate(method, entry.lr, suite.training.lr),
                                frozenset(entry.config), method.pinned_fields(entry.config) if method.budgeted else [],
-                               variant, entry.init_from))
-    training = suite.training.spec()
+                               variant, entry.init_from, checkpointing))
+    suite_training = suite.training.spec()
     plan = Plan(suite=suite, name=suite.suite, warnings=list(suite._notes))
     for task_entry in suite.tasks:
         task = task_for(task_entry, registry)
-        raw_data(task, task_entry, training)  # checks columns and labels now, not mid-grid
+        raw_data(task, task_entry, suite_training)  # checks columns and labels now, not mid-grid
         plan.data_warnings += task.warnings
         for backbone in suite.backbones:
             spec = spec_for(backbone, task=backbone_task_kind(task), num_labels=max(task.num_labels, 1), registry=registry)
@@ -70,6 +73,8 @@ def make_plan(suite: SuiteConfig, registry) -> Plan:
             solved = _solve_all(methods, spec, suite.budgets, backbone)
             for seed in suite.seed_list():
                 for p, budget, sol in solved:
+                    training = suite_training if p.checkpointing is None else suite_training.model_copy(
+                        update={"gradient_checkpointing": p.checkpointing or None})
                     trial = _trial(plan.name, task_entry, task, backbone, spec, p.method, p.cfg, p.lr, budget, sol,
                                    seed, training, pinned=bool(p.pinned), variant=p.variant)
                     if p.init is not None:  # two-stage: the source is found and checked now, before training
@@ -93,6 +98,7 @@ class Planned:
     pinned: list  # size fields among them: the size is the user's, not the solver's
     variant: str = ""  # which config, when the suite lists the method twice (or starts it from an adapter)
     init: object = None  # the entry's InitFrom (two-stage training), else None
+    checkpointing: bool | None = None  # the entry's gradient_checkpointing (None: the training section's)
 
 
 def _solve_all(methods: list[Planned], spec, budgets: list[str], backbone: str) -> list[tuple]:
@@ -260,20 +266,21 @@ def print_plan(plan: Plan, done: set[str] | None = None) -> None:
     print("budget: a method's trainable parameters / backbone parameters (task head excluded)\n")
     rows, seen = [], {}
     for t in plan.trials:
-        key = (t.task.name, t.backbone, t.method, t.budget)
+        key = (t.task.name, t.backbone, t.display, t.budget)  # a method listed twice: one row per variant
         if key in seen:
             seen[key][-1] += 1
             continue
         status = "run" if t.matched else "pinned, unmatched" if t.pinned else "nearest size"
         knob = f"{t.knob}={t.knob_value}" if t.knob else "—"
-        rows.append([t.task.name, t.backbone, t.budget or "—", t.method, knob, f"{t.trainable_params:,}",
+        rows.append([t.task.name, t.backbone, t.budget or "—", t.display, knob, f"{t.trainable_params:,}",
                      f"{t.achieved_pct:.3f}%", f"{t.lr:g}", status, 1])
         seen[key] = rows[-1]
     print("\n".join(table(["task", "backbone", "budget", "method", "knob", "trainable", "achieved", "lr", "status",
                            "seeds"], [[str(c) for c in row] for row in rows])))
-    for t in plan.trials:
-        if t.seed == plan.suite.seed_list()[0] and t.note and t.budget:
-            print(f"\n{t.method} at {t.budget}: {t.note}")
+    notes = dict.fromkeys(f"{t.method} at {t.budget}: {t.note}" for t in plan.trials
+                          if t.seed == plan.suite.seed_list()[0] and t.note and t.budget)
+    for note in notes:  # once, however many variants share it
+        print(f"\n{note}")
     n_done = sum(1 for t in plan.trials if t.trial_id in done)
     unmatched = sum(1 for t in plan.trials if not t.matched)
     print(f"\nsuite {plan.name}: {len(plan.trials)} trials ({n_done} already done, {len(plan.trials) - n_done} to run), "

@@ -31,8 +31,10 @@ from peftbench.errors import ConfigError
 from peftbench.results.records import TrainingSpec
 
 Scalar = Union[bool, int, float, str, None]
-#: training fields that define the data selection reads or how it is evaluated: never searched
-NOT_SEARCHABLE = ("eval_limit", "test_limit", "data_seed", "eval_batch_size", "eval_every", "max_new_tokens")
+#: training fields that define the data selection reads or how it is evaluated, or that change only memory and
+#: time (gradient checkpointing): never searched
+NOT_SEARCHABLE = ("eval_limit", "test_limit", "data_seed", "eval_batch_size", "eval_every", "max_new_tokens",
+                  "gradient_checkpointing")
 SEARCHABLE_TRAINING = tuple(name for name in TrainingSpec.model_fields if name not in NOT_SEARCHABLE)
 SAMPLERS = ("tpe", "grid", "random")
 PRUNERS = ("median", "none")

@@ -260,7 +260,21 @@ def training_arguments(cfg: TrainingSpec, lr: float, seed: int, total_steps: int
         disable_tqdm=True,
         dataloader_num_workers=0,
         label_names=["labels"],
+        # non-reentrant checkpointing: gradients reach the method's parameters although the frozen embeddings'
+        # output does not require grad (no enable_input_require_grads needed), hooks and key/value prefixes included
+        **_checkpointing(cfg),
     )
+
+
+def _checkpointing(cfg: TrainingSpec) -> dict:
+    """TrainingArguments' checkpointing fields, by their name in this transformers (activation_* since 5.x;
+    the gradient_* names warn there)."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    prefix = "activation" if "activation_checkpointing" in names else "gradient"
+    on = bool(cfg.gradient_checkpointing)
+    return {f"{prefix}_checkpointing": on, f"{prefix}_checkpointing_kwargs": {"use_reentrant": False} if on else None}
 
 
 def train(backbone, data, task, cfg: TrainingSpec, *, lr: float, seed: int, device: torch.device, precision: str,

@@ -159,7 +159,7 @@ def run_trial(spec: TrialSpec, options: RunOptions, artifacts: str | None, regis
     return TrialResult(
         metrics=test_metrics, val_metrics=outcome.val_metrics, best_step=outcome.best_step,
         stored_bytes=stored_bytes, costs=injection.costs(), step_time_s=outcome.step_time_s,
-        peak_mem_bytes=peak_bytes, mem_kind=mem_kind, inference_overhead=overhead,
+        peak_mem_bytes=peak_bytes, mem_kind=mem_kind, mem_start_bytes=peak.start_bytes, inference_overhead=overhead,
         train_time_s=outcome.train_time_s, steps=outcome.steps, curves=trial_curves,
         environment={**environment(device), "precision": precision, **_ranks()},
         artifacts=str(folder) if folder is not None else None,
