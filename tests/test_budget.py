@@ -121,7 +121,8 @@ def test_builtin_counts_are_monotone_and_solved_within_granularity(name):
     for spec in (MINILM, tiny_backbone("llama").spec):
         cfg = method.config()
         lo, hi = method.knob_range(cfg, spec)
-        ks = sorted({lo, *range(lo, min(hi, lo + 40) + 1), hi, (lo + hi) // 2})
+        allowed = method.knob_values(cfg, spec)  # a knob of listed values only (peft:boft's block sizes)
+        ks = sorted(allowed) if allowed else sorted({lo, *range(lo, min(hi, lo + 40) + 1), hi, (lo + hi) // 2})
         counts = [method.param_count(method.with_knob(cfg, k), spec) for k in ks]
         assert counts == sorted(counts), f"{name}: param_count not monotone in {method.knob}"
         for budget in ("0.1%", "1%", "3%", "50k"):
@@ -130,7 +131,12 @@ def test_builtin_counts_are_monotone_and_solved_within_granularity(name):
                 assert sol.target < sol.low or sol.target > sol.high
                 continue
             k = sol.value
-            neighbours = [method.param_count(method.with_knob(cfg, j), spec) for j in (k - 1, k + 1) if lo <= j <= hi]
+            if allowed:
+                at = allowed.index(k)
+                near = [allowed[j] for j in (at - 1, at + 1) if 0 <= j < len(allowed)]
+            else:
+                near = [j for j in (k - 1, k + 1) if lo <= j <= hi]
+            neighbours = [method.param_count(method.with_knob(cfg, j), spec) for j in near]
             assert all(abs(sol.params - sol.target) <= abs(c - sol.target) for c in neighbours)
 
 

@@ -92,7 +92,8 @@ def test_methods_list_config_fields_with_type_default_and_description(capsys):
             assert set(f) == {"name", "type", "default", "description", "knob"}
             assert f["description"], f"{name}.{f['name']} has no description"
     lora = {f["name"]: f for f in items["lora"]["config"]}
-    assert lora["r"] == {"name": "r", "type": "int", "default": 8, "description": "rank of B A", "knob": True}
+    assert lora["r"] == {"name": "r", "type": "int", "default": 8, "description": "rank of B A (in every chosen layer unless layer_sizes)",
+                         "knob": True}
     assert lora["targets"]["type"] == "list[str] | 'all-linear'" and lora["targets"]["default"] == ["q", "v"]
     assert {f["name"]: f["type"] for f in items["prefix"]["config"]}["hidden"] == "int | None"
     assert main(["methods", "prefix-tuning"]) == 0  # one method, by an alias
@@ -100,6 +101,6 @@ def test_methods_list_config_fields_with_type_default_and_description(capsys):
     assert out.startswith("prefix (plugin prefix): ")
     assert re.search(r"\| n \(knob\) +\| int +\| 10 ", out) and "virtual tokens (prefix length)" in out
     assert main(["methods", "lora", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["config"][0]["name"] == "r"
+    assert [f["name"] for f in json.loads(capsys.readouterr().out)["config"] if f["knob"]] == ["r"]
     assert main(["methods", "lorra"]) == 2
     assert "unknown method 'lorra'" in capsys.readouterr().err

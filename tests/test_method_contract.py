@@ -14,6 +14,7 @@ import torch
 import peftbench
 from conftest import ARCHS, DECODERS, tiny_backbone
 from peftbench.testing import check_backbone
+from peftbench.testing.checks import NotApplicable
 
 REGISTRY = peftbench.get_registry()
 METHODS = sorted(REGISTRY.methods)
@@ -31,7 +32,10 @@ def test_conformance(method, arch):
     decoders also as causal LMs (count, gradients, training)."""
     tasks = ["classification", "causal_lm"] if arch in DECODERS else ["classification"]
     for task in tasks:
-        check_backbone(method, tiny_backbone(arch, task=task), None)
+        try:
+            check_backbone(method, tiny_backbone(arch, task=task), None)
+        except NotApplicable as exc:  # a clear refusal (peft's LoHa on GPT-2's Conv1D ...), with its reason
+            pytest.skip(str(exc))
 
 
 @pytest.fixture(scope="module")

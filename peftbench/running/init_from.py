@@ -58,10 +58,12 @@ def resolve(init, trial, num_labels: int, registry) -> dict:
     if meta["backbone"] != trial.backbone:
         raise ConfigError(f"{where}: {source} was trained on backbone {meta['backbone']!r}; this trial's is "
                           f"{trial.backbone!r}")
-    ours = trial.method_config
-    differ = sorted(k for k in set(ours) | set(meta["config"]) if ours.get(k) != meta["config"].get(k))
+    # both through the method's config class: fields left out of a stored config mean their defaults
+    make = registry.method(trial.method).config
+    ours, theirs = (make(c).model_dump(mode="json") for c in (trial.method_config, meta["config"]))
+    differ = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
     if differ:
-        shown = "; ".join(f"{k}: source {meta['config'].get(k)!r}, this trial {ours.get(k)!r}" for k in differ[:4])
+        shown = "; ".join(f"{k}: source {theirs.get(k)!r}, this trial {ours.get(k)!r}" for k in differ[:4])
         raise ConfigError(f"{where}: {source} has another config than this trial's ({shown}); train the source at "
                           f"the same budget and config, so both have one size")
     if init.head:

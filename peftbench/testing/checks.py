@@ -281,8 +281,15 @@ def check_monotone(method, spec, cfg=None, samples: int = 48) -> None:
     if method.knob is None:
         return
     cfg = method.config(cfg)
-    lo, hi = method.knob_range(cfg, spec)
-    values = range(lo, hi + 1) if hi - lo < samples else sorted({lo + (hi - lo) * i // (samples - 1) for i in range(samples)})
+    allowed = method.knob_values(cfg, spec)  # a method whose knob takes listed values only (block sizes)
+    if allowed:
+        allowed = sorted(allowed)
+        values = allowed if len(allowed) <= samples else \
+            sorted({allowed[(len(allowed) - 1) * i // (samples - 1)] for i in range(samples)})
+    else:
+        lo, hi = method.knob_range(cfg, spec)
+        values = range(lo, hi + 1) if hi - lo < samples else \
+            sorted({lo + (hi - lo) * i // (samples - 1) for i in range(samples)})
     previous = None
     for value in values:
         count = method.param_count(method.with_knob(cfg, value), spec)

@@ -39,14 +39,32 @@ def architectures(registry=None) -> list[str]:
     return sorted((registry if registry is not None else peftbench.get_registry()).architectures)
 
 
+def _refused_at_injection(method, backbone, cfg) -> None:
+    """NotApplicable when injecting raises a ConfigError (a module type the method has no layer for,
+    such as GPT-2's Conv1D for some of peft's tuners): a clear refusal, not a bug. Anything else is
+    left to the checks, which name it."""
+    from peftbench.contract.apply import apply
+
+    try:
+        injection = apply(method, backbone, cfg)
+    except ConfigError as exc:
+        raise NotApplicable(f"method {method.name!r} refuses {backbone.spec.name} ({backbone.task}) when "
+                            f"injected: {exc}") from exc
+    except Exception:  # noqa: BLE001  (the checks report it with their name)
+        return
+    injection.remove()
+
+
 def check_backbone(method, backbone, cfg=None, checks=None) -> None:
     """Run ``checks`` (default: every one of ``CHECKS``; only ``CAUSAL_LM_CHECKS`` on a causal LM)
     of ``method`` at ``cfg`` on ``backbone``; ``count`` at each of ``knob_values``. NotApplicable when
-    the method refuses the backbone with a ConfigError (a site it needs is missing ...)."""
+    the method refuses the backbone with a ConfigError (a site it needs is missing ...), in ``check`` or
+    when injected."""
     try:
         method.check(configured(method, backbone.spec, cfg), backbone.spec)
     except ConfigError as exc:
         raise NotApplicable(f"method {method.name!r} refuses {backbone.spec.name} ({backbone.task}): {exc}") from exc
+    _refused_at_injection(method, backbone, configured(method, backbone.spec, cfg))
     default = CAUSAL_LM_CHECKS if backbone.task == "causal_lm" else tuple(CHECKS)
     for name in checks or default:
         if name == "count":
