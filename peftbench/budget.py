@@ -90,6 +90,8 @@ class Solution:
     verified: bool | None = None
     measured: int | None = None
     note: str = ""
+    #: why the method refuses this backbone when applied (a ConfigError: a site it needs is missing ...); "" if not
+    refused: str = ""
     #: parameters one knob step adds at the solved value (the budget's granularity); None without a budget
     step: int | None = None
     #: config values the solver chose besides the knob (a secondary width), to apply with it

@@ -8,7 +8,7 @@ import os
 import sys
 
 from peftbench import __version__
-from peftbench.errors import PeftbenchError
+from peftbench.errors import ConfigError, LayoutError, PeftbenchError
 from peftbench.report import add_report_arguments, main_report
 from peftbench.report.format import table
 from peftbench.running.flags import attach_negative_values, split_list
@@ -97,7 +97,7 @@ def solve_methods(reg, backbone_name: str, methods: list[str], budget: str, veri
     """Solve every method's knob for the budget; with ``verify_counts``, apply each to the real backbone:
     counted, and one forward and backward pass run (``peftbench.contract.exercise``)."""
     from peftbench.backbones.backbone import load_backbone, spec_for
-    from peftbench.budget import parse_budget, solve, solved_config
+    from peftbench.budget import Solution, parse_budget, solve, solved_config
     from peftbench.contract.exercise import exercise
 
     parsed = parse_budget(budget)
@@ -106,12 +106,22 @@ def solve_methods(reg, backbone_name: str, methods: list[str], budget: str, veri
     solutions = []
     for name in names:
         method = reg.method(name)
-        solutions.append((method, solve(method, method.config(), spec, parsed)))
+        try:
+            solutions.append((method, solve(method, method.config(), spec, parsed)))
+        except (ConfigError, LayoutError) as exc:  # the method refuses this backbone (a site it needs is missing ...)
+            solutions.append((method, Solution(method=name, knob=method.knob, value=None, params=0, stored=0, target=None,
+                                               base_params=spec.base_params, reachable=False, refused=str(exc))))
     if verify_counts:
         backbone = load_backbone(backbone_name, task=task, registry=reg)
         for method, sol in solutions:
+            if sol.refused:
+                continue
             cfg = solved_config(method, method.config(), sol)
-            sol.measured, failure = exercise(method, backbone, cfg)  # applied (config checked), counted, run, removed
+            try:
+                sol.measured, failure = exercise(method, backbone, cfg)  # applied (config checked), counted, run, removed
+            except (ConfigError, LayoutError) as exc:  # it refuses this backbone (a site it needs ...): a row says so
+                sol.refused = str(exc)
+                continue
             sol.verified = sol.measured == sol.params and not failure
             if failure:  # it did not run: the note says why (after any budget note)
                 sol.note = "; ".join(n for n in (sol.note, failure) if n)
@@ -130,6 +140,10 @@ def cmd_solve(args) -> int:
     print(f"budget {args.budget}: method's trainable parameters / backbone parameters (head excluded)\n")
     rows, notes = [], []
     for method, sol in solutions:
+        if sol.refused:
+            notes.append(f"{method.name}: refused on this backbone: {sol.refused}")
+            rows.append([method.name, "—", "—", "—", "—", "—", "refused"])
+            continue
         if sol.verified is None:
             verified = "not checked"
         else:

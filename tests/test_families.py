@@ -17,6 +17,7 @@ and fails in one line naming the model type and what it could not find (GPT-NeoX
 
 from __future__ import annotations
 
+import re
 import sys
 
 import pytest
@@ -451,3 +452,18 @@ def test_solve_loads_a_saved_folder_and_verifies(family, tmp_path, capsys):
     assert code == 0 and set(rows) == set(METHODS)
     for name, row in rows.items():
         assert row["reachable"] and row["verified"] is True and row["measured"] == row["params"], (name, row)
+
+
+def test_solve_shows_a_refusing_method_as_a_row_and_goes_on(tmp_path, capsys):
+    """DeBERTa-v2's attention never calls transformers' attention registry: P-tuning v2 is refused there,
+    and solve says so in its row (with the reason) instead of stopping before the other methods."""
+    from peftbench.cli import main
+
+    save_folder("deberta-v2", tmp_path / "deberta", width=64, vocab=4096)
+    code = main(["solve", "--backbone", str(tmp_path / "deberta"), "--methods", "lora,ptuning_v2,houlsby",
+                 "--budget", "1%", "--task", "classification"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert re.search(r"\| ptuning_v2 .*\| refused +\|", out) and re.search(r"\| lora .*\| yes +\|", out)
+    assert re.search(r"\| houlsby .*\| yes +\|", out)
+    assert "ptuning_v2: refused on this backbone:" in out and "attention-function registry" in out

@@ -4,7 +4,7 @@ optionally a real backbone. ``MethodConformance`` turns that into pytest tests."
 
 from __future__ import annotations
 
-from peftbench.errors import ConfigError
+from peftbench.errors import ConfigError, LayoutError
 from peftbench.testing.checks import CHECKS, ConformanceError, NotApplicable, run_check
 from peftbench.testing.tiny import tiny_backbone
 
@@ -47,7 +47,7 @@ def _refused_at_injection(method, backbone, cfg) -> None:
 
     try:
         injection = apply(method, backbone, cfg)
-    except ConfigError as exc:
+    except (ConfigError, LayoutError) as exc:
         raise NotApplicable(f"method {method.name!r} refuses {backbone.spec.name} ({backbone.task}) when "
                             f"injected: {exc}") from exc
     except Exception:  # noqa: BLE001  (the checks report it with their name)
@@ -62,7 +62,7 @@ def check_backbone(method, backbone, cfg=None, checks=None) -> None:
     when injected."""
     try:
         method.check(configured(method, backbone.spec, cfg), backbone.spec)
-    except ConfigError as exc:
+    except (ConfigError, LayoutError) as exc:
         raise NotApplicable(f"method {method.name!r} refuses {backbone.spec.name} ({backbone.task}): {exc}") from exc
     _refused_at_injection(method, backbone, configured(method, backbone.spec, cfg))
     default = CAUSAL_LM_CHECKS if backbone.task == "causal_lm" else tuple(CHECKS)
