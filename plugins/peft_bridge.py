@@ -425,5 +425,9 @@ class PeftMethod(peftbench.Method):
 
 @peftbench.hookimpl
 def register_methods(register):
+    try:
+        import peft  # noqa: F401  (a dependency of peftbench; absent only after an install with --no-deps)
+    except ImportError:
+        return  # no peft, no peft:<tuner> methods; the rest of peftbench works without them
     for tuner in TUNERS:
         register(PeftMethod(tuner))
