@@ -216,9 +216,10 @@ def test_a_backbone_the_method_refuses_clearly_is_left_out_not_failed():
 
 
 class TestScaleConformance(MethodConformance):
-    """How a third party uses the kit: every check, every registered architecture."""
+    """How a third party uses the kit: every check, every registered architecture, and the packaged MiniLM."""
 
     method = Scale
+    real_backbones = ("minilm",)
 
 
 def test_the_conformance_class_covers_every_check():

@@ -65,8 +65,6 @@ def _layer_of(backbone):
 @pytest.mark.parametrize("name", PER_LAYER)
 @pytest.mark.parametrize("layers,chosen", [("top:1", [1]), ("bottom:1", [0]), ([1], [1]), (None, [0, 1])])
 def test_layers_place_the_method_only_there(name, arch, layers, chosen):
-    if name == "qlora":
-        pytest.importorskip("bitsandbytes")
     backbone = tiny_backbone(arch)
     method = peftbench.get_registry().method(name)
     cfg = method.config(layers=layers)
@@ -99,8 +97,6 @@ def test_solver_gives_the_budget_to_fewer_layers_as_width(name):
 
 @pytest.mark.parametrize("name", SIZED + ("adapter_lora",))
 def test_layer_sizes_are_built_and_counted(name):
-    if name == "qlora":
-        pytest.importorskip("bitsandbytes")
     backbone = tiny_backbone("gpt2")  # fused q|k|v: LoRA's sliced wrappers at per-layer ranks
     method = peftbench.get_registry().method(name)
     cfg = method.config(layer_sizes=[2, 5])
@@ -188,8 +184,6 @@ def test_spread_follows_the_scores():
 
 @pytest.mark.parametrize("name", SIZED)
 def test_allocated_config_keeps_the_budget(name):
-    if name == "qlora":
-        pytest.importorskip("bitsandbytes")
     backbone = tiny_backbone("bert")
     method = peftbench.get_registry().method(name)
     cfg = method.with_knob(method.config(allocation="importance"), 6)
