@@ -128,3 +128,19 @@ def arch(request):
 @pytest.fixture(scope="session")
 def registry():
     return peftbench.get_registry()
+
+
+@torch.no_grad()
+def copy_lora_into_peft(wrappers: dict, inner, r: int) -> None:
+    """Copy our LoRA wrappers' A and B (``{module path: LoRALinear}``) into peft's LoRA layers under
+    ``inner``: a sliced wrapper's B_i go into one block-structured B of rank ``len(slices) * r``."""
+    for path, w in wrappers.items():
+        layer = inner.get_submodule(path)
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        a.copy_(w.lora_A.weight)
+        if not w.slices:
+            b.copy_(w.lora_B.weight)
+            continue
+        b.zero_()
+        for i, ((start, end), (lo, hi)) in enumerate(zip(w.slices, w.b_rows())):
+            b[start:end, i * r:(i + 1) * r] = w.lora_B.weight[lo:hi]

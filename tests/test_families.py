@@ -28,7 +28,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import eager_mask, sdpa_mask
 
 import peftbench
-from conftest import ARCHS, VOCAB, positions, tiny_batch, tiny_config
+from conftest import ARCHS, copy_lora_into_peft, VOCAB, positions, tiny_batch, tiny_config
 from families import (DECODERS, ENCODERS, FAMILIES, INFERRED, INFERRED_DECODERS, family_config, save_folder,
                       task_of)
 from peftbench.backbones.kv_prefix import attach_kv_prefix
@@ -248,18 +248,7 @@ def test_phi3_lora_on_unequal_slices_equals_peft_and_merges():
     peft_model = get_peft_model(theirs.model, LoraConfig(
         r=r, lora_alpha=alpha, target_modules=sorted(wrappers), lora_dropout=0.0,
         rank_pattern={n: r * k for n, k in sliced.items()}, alpha_pattern={n: alpha * k for n, k in sliced.items()}))
-    inner = peft_model.base_model.model
-    with torch.no_grad():
-        for path, w in wrappers.items():
-            layer = inner.get_submodule(path)
-            a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-            a.copy_(w.lora_A.weight)
-            if not w.slices:
-                b.copy_(w.lora_B.weight)
-                continue
-            b.zero_()
-            for i, ((start, end), (lo, hi)) in enumerate(zip(w.slices, w.b_rows())):
-                b[start:end, i * r:(i + 1) * r] = w.lora_B.weight[lo:hi]
+    copy_lora_into_peft(wrappers, peft_model.base_model.model, r)
     with torch.no_grad():
         out = ours.model(**data).logits
         torch.testing.assert_close(out, peft_model(**data).logits, atol=1e-10, rtol=0)

@@ -7,7 +7,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 import peftbench
-from conftest import ARCHS, assert_same_step, batch_for, fused_and_module_steps, tiny_backbone
+from conftest import ARCHS, copy_lora_into_peft, assert_same_step, batch_for, fused_and_module_steps, tiny_backbone
 from peftbench.blocks import LoRALinear, SlicedLoRALinear
 
 LORA = peftbench.get_registry().method("lora")
@@ -53,18 +53,7 @@ def test_outputs_match_peft(arch, targets):
     peft_model = get_peft_model(theirs.model, LoraConfig(
         r=r, lora_alpha=alpha, target_modules=sorted(mine), lora_dropout=0.0, fan_in_fan_out=arch == "gpt2",
         rank_pattern=ranks, alpha_pattern={path: alpha * n / r for path, n in ranks.items()}))
-    inner = peft_model.base_model.model
-    with torch.no_grad():
-        for path, w in mine.items():
-            layer = inner.get_submodule(path)
-            a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-            a.copy_(w.lora_A.weight)
-            if not w.slices:
-                b.copy_(w.lora_B.weight)
-                continue
-            b.zero_()
-            for i, (start, end) in enumerate(w.slices):
-                b[start:end, i * r:(i + 1) * r] = w.lora_B.weight[i * (end - start):(i + 1) * (end - start)]
+    copy_lora_into_peft(mine, peft_model.base_model.model, r)
     out = hidden(ours, batch)
     assert (out - base_out).abs().max() > 1e-2  # the LoRA path matters
     torch.testing.assert_close(out, peft_model(**batch, output_hidden_states=True).hidden_states[-1],
