@@ -18,8 +18,16 @@ points. (IA)^3 and LN tuning have no size field: they are knob-less, like other 
 
 Only layer tuners are bridged: peft's prompt-learning tuners (prefix and prompt tuning, P-tuning) wrap
 the whole model in a ``PeftModel`` and are left to peftbench's own ``prefix``, ``prompt`` and ``ptuning``.
-AdaLoRA's rank re-allocation needs its allocator called after every backward (``update_and_allocate``),
-which the runner does not do: ``peft:adalora`` trains AdaLoRA's SVD-form layers at their initial rank.
+AdaLoRA (``peft:adalora``) runs as in peft's own training loop: the solver sets the initial rank ``init_r``
+(what the optimizer holds, hence the budget; peft's count too), the target rank defaults to 2/3 of it (peft's
+defaults, 8 of 12), and after each optimizer step (``Injection.after_optimizer_step``) peft's
+``update_and_allocate`` scores every singular value by its sensitivity and masks the least important ones,
+cubically from ``init_r`` down to ``target_r`` per module on average over the trial's planned steps
+(``total_step`` is set from the schedule; ``tinit``, ``tfinal``, ``deltaT`` and ``orth_reg_weight`` may be
+passed in ``options``). Its orthogonality penalty on P and Q is added to the training loss, as peft's
+``AdaLoraModel.forward`` does (in training mode only: validation losses stay the task's). Masked singular
+values are stored as zeros. A trial keeps its best validation state, which may come from before the
+allocation reached ``target_r`` (more unmasked values, never more parameters than the budget).
 """
 
 from __future__ import annotations
@@ -65,8 +73,9 @@ TUNERS = [
     Tuner("lora", "LORA", "r", 8, "rank", ("q", "v"), "peft's LoRA: (alpha/r)·B·A beside target linears", 5e-3),
     Tuner("dora", "LORA", "r", 8, "rank", ("q", "v"), "peft's DoRA: LoRA on the direction, a trained magnitude "
           "per output", 5e-3, {"use_dora": True}),
-    Tuner("adalora", "ADALORA", "init_r", 12, "rank", ("q", "v"), "peft's AdaLoRA layers (P·Λ·Q, SVD form) at "
-          "their initial rank (no re-allocation)", 5e-3, {"total_step": 1000}),
+    Tuner("adalora", "ADALORA", "init_r", 12, "rank", ("q", "v"), "peft's AdaLoRA: P·Λ·Q updates whose "
+          "ranks peft's allocator prunes by importance while training (init_r solved, target_r 2/3 of it)", 5e-3,
+          {"total_step": 1000}),
     Tuner("loha", "LOHA", "r", 8, "rank", ("q", "v"), "peft's LoHa: Hadamard product of two low-rank updates", 5e-3),
     Tuner("lokr", "LOKR", "r", 8, "rank", ("q", "v"), "peft's LoKr: Kronecker product update", 5e-3),
     Tuner("vera", "VERA", "r", 256, "wide", ALL_LINEAR, "peft's VeRA: trained scaling vectors around shared "
@@ -217,6 +226,50 @@ class BridgeInjection(peftbench.Injection):
         self._kept = []
 
 
+class AdaLoraInjection(BridgeInjection):
+    """peft's AdaLoRA layers, its rank allocator after each optimizer step, its orthogonality penalty."""
+
+    tuner_model = None  # peft's AdaLoraModel around the backbone's model: its ``update_and_allocate``
+
+    def start(self) -> None:
+        """Add the orthogonality penalty to the training loss (as ``AdaLoraModel.forward``)."""
+        weight = self.tuner_model.peft_config[ADAPTER].orth_reg_weight
+        if weight < 0:
+            raise peftbench.ConfigError(f"method {self.method.name!r}: options.orth_reg_weight must be >= 0, "
+                                        f"got {weight}")
+        if weight:
+            self.add_hook(self.backbone.model, lambda module, args, out: self._penalise(module, out, weight))
+
+    def _penalise(self, module, out, weight: float):
+        loss = getattr(out, "loss", None)
+        if not module.training or not isinstance(loss, torch.Tensor):
+            return out
+        terms = []
+        for layer in self.tuner_layers:
+            a, b = layer.lora_A[ADAPTER], layer.lora_B[ADAPTER]
+            for cov in (a @ a.T, b.T @ b):
+                terms.append(torch.linalg.matrix_norm(cov - torch.eye(len(cov), device=cov.device, dtype=cov.dtype)))
+        out.loss = loss + weight * torch.stack(terms).mean()
+        return out
+
+    def after_optimizer_step(self, step: int, total_steps: int) -> None:
+        config = self.tuner_model.peft_config[ADAPTER]
+        if config.target_r >= self.config.init_r:  # nothing to prune
+            return
+        if step == 0:
+            config.total_step = total_steps
+            if config.tinit >= total_steps - config.tfinal:
+                raise peftbench.ConfigError(
+                    f"method {self.method.name!r}: options tinit={config.tinit} and tfinal={config.tfinal} leave no "
+                    f"steps for rank allocation in a schedule of {total_steps} steps")
+        self.tuner_model.update_and_allocate(step)
+
+    def ranks(self) -> dict[str, int]:
+        """Module path -> singular values left unmasked (non-zero Λ entries)."""
+        names = {id(layer): n for n, layer in self.backbone.model.named_modules()}
+        return {names[id(layer)]: int((layer.lora_E[ADAPTER] != 0).sum()) for layer in self.tuner_layers}
+
+
 class PeftMethod(peftbench.Method):
     """One peft tuner as a peftbench method (an instance per tuner, registered as ``peft:<tuner>``)."""
 
@@ -266,6 +319,8 @@ class PeftMethod(peftbench.Method):
         values = {**self.tuner.fixed, **cfg.options, "target_modules": list(paths)}
         if self.knob:
             values[self.knob] = getattr(cfg, self.knob)
+        if self.tuner.name == "adalora":  # peft's default ratio (target 8 of init 12)
+            values.setdefault("target_r", max(1, round(2 * values["init_r"] / 3)))
         if self.tuner.feedforward:
             values["feedforward_modules"] = list(feedforward)
         if fan_in_fan_out and "fan_in_fan_out" in self.peft_config_class.__dataclass_fields__:
@@ -382,7 +437,7 @@ class PeftMethod(peftbench.Method):
 
     # -- building ----------------------------------------------------------------------------
     def inject(self, backbone, cfg):
-        injection = BridgeInjection(backbone, self, cfg)
+        injection = (AdaLoraInjection if self.tuner.name == "adalora" else BridgeInjection)(backbone, self, cfg)
         sites = _target_sites(self.name, cfg.targets, backbone.spec, self.tuner.norms)
         ff_names = set(getattr(cfg, "feedforward", [])) & set(sites)
         targets: dict[str, peftbench.Site] = {}
@@ -399,7 +454,7 @@ class PeftMethod(peftbench.Method):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                tuners[peft_cfg.peft_type](model, peft_cfg, adapter_name=ADAPTER)
+                tuner_model = tuners[peft_cfg.peft_type](model, peft_cfg, adapter_name=ADAPTER)
         except Exception as exc:  # peft has no layer for a module type (GPT-2's Conv1D for LoHa, OFT, ...)
             for site in targets.values():  # whatever peft replaced before it stopped goes back
                 setattr(site.parent, site.attr, site.module)
@@ -420,6 +475,9 @@ class PeftMethod(peftbench.Method):
                      if isinstance(getattr(layer, n, None), nn.Module) and ADAPTER in getattr(layer, n)}
             injection.replace(site.parent, site.attr, layer, owned=owned)
             injection.tuner_layers.append(layer)
+        if isinstance(injection, AdaLoraInjection):
+            injection.tuner_model = tuner_model
+            injection.start()
         return injection
 
 

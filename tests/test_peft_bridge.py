@@ -137,3 +137,84 @@ def test_knob_less_tuners_are_solved_apart():
     for name in ("peft:ia3", "peft:ln_tuning"):
         sol = peftbench.solve(REG.method(name), {}, spec, "1%")
         assert sol.knob is None and sol.target is None and sol.note == "budget does not apply" and sol.params > 0
+
+
+def _adalora_step(model, batch, labels, opt):
+    loss = model(**batch, labels=labels).loss
+    loss.backward()
+    opt.step()
+    return loss
+
+
+def test_adalora_allocates_ranks_as_peft_does():
+    """peft:adalora with the runner's call after each step prunes the same singular values, with the same
+    penalised loss, as peft's own AdaLoraModel loop (forward with its orthogonality penalty, then
+    update_and_allocate)."""
+    import peft
+
+    steps, init_r, target_r = 8, 4, 2
+    labels = torch.tensor([0, 1, 1])
+    ours, theirs = tiny_backbone("bert", registry=REG), tiny_backbone("bert", registry=REG)
+    batch = batch_for(ours)
+    injection = peftbench.apply(REG.method("peft:adalora"), ours,
+                                {"init_r": init_r, "options": {"target_r": target_r, "tfinal": 2}})
+    paths = sorted({s.path for n in ("q", "v") for s in theirs.sites(n)})
+    config = peft.AdaLoraConfig(init_r=init_r, target_r=target_r, tfinal=2, total_step=steps, target_modules=paths)
+    reference = peft.get_peft_model(theirs.model, config)
+    ref_params = dict(reference.named_parameters())
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # the same start: random A, B and E (E non-zero so that every value has a gradient)
+        for key, p in injection.named_parameters().items():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+            ref_params[f"base_model.model.{key}"].copy_(p)
+    for key in ours.head_parameters():  # the head trains with every method (the same initial weights: same seed)
+        ref_params[f"base_model.model.{key}"].requires_grad_(True)
+    for model in (ours.model, reference):
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+    opts = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1) for m in (ours.model, reference)]
+    ours.model.train(), reference.train()
+    for step in range(steps):
+        mine = _adalora_step(ours.model, batch, labels, opts[0])
+        injection.after_optimizer_step(step, steps)
+        ref = _adalora_step(reference.base_model, batch, labels, opts[1])  # AdaLoraModel.forward: the penalty
+        reference.base_model.update_and_allocate(step)
+        torch.testing.assert_close(mine, ref)  # the penalty is in both losses
+        for o in opts:
+            o.zero_grad()
+    ranks = injection.ranks()
+    assert sum(ranks.values()) == target_r * len(ranks) and max(ranks.values()) <= init_r
+    for key, p in injection.named_parameters().items():
+        if "lora_E" in key:
+            assert torch.equal(p == 0, ref_params[f"base_model.model.{key}"] == 0)
+            torch.testing.assert_close(p, ref_params[f"base_model.model.{key}"])
+    injection.remove()
+    assert not ours.model._forward_hooks
+
+
+def test_adalora_allocator_runs_inside_a_trial(tmp_path, registry):
+    """The runner calls the injection after each optimizer step: the saved AdaLoRA weights keep target_r
+    singular values per module on average (the rest masked to zero). One validation pass, at the end: the
+    trial keeps its best validation state, which may come from before the allocation finished."""
+    from safetensors.torch import load_file
+
+    from peftbench.results.records import TrainingSpec
+    from peftbench.running.execute import execute_trial
+    from peftbench.running.options import RunOptions
+    from peftbench.running.plan import trial_spec
+    from peftbench.tasks.entry import TaskEntry
+    from run_helpers import make_sentiment_csv, make_tiny_model
+
+    model = make_tiny_model(tmp_path / "tiny-bert")
+    data = make_sentiment_csv(tmp_path / "reviews.csv", rows=60)
+    training = TrainingSpec(max_steps=6, eval_every=6, batch_size=8, max_length=40,
+                            train_limit=None, eval_limit=None, test_limit=None)
+    entry = TaskEntry(name=f"file:{data}", text_columns=["review"], label_column="sentiment")
+    spec = trial_spec(REG, task=entry, backbone=str(model), method="peft:adalora",
+                      method_config={"init_r": 3, "options": {"target_r": 1, "tfinal": 1}}, lr=1e-2, training=training)
+    outcome = execute_trial(spec, RunOptions(threads=1, quiet=True), str(tmp_path / "trial"), REG)
+    assert outcome.status == "done", outcome.error
+    weights = load_file(tmp_path / "trial" / "adapter" / "adapter_model.safetensors")
+    values = [w for k, w in weights.items() if "lora_E" in k]
+    assert len(values) == 4 and sum(int((w != 0).sum()) for w in values) == 4  # 2 layers x (q, v), 1 each on average

@@ -125,6 +125,11 @@ class Injection:
         self._undo.append(fn)
 
     # -- lifecycle -----------------------------------------------------------------------
+    def after_optimizer_step(self, step: int, total_steps: int) -> None:
+        """Called by the trainer after each optimizer step, before the gradients are zeroed: ``step`` counts
+        from 0, ``total_steps`` is the schedule's length (early stopping may end training sooner). For methods
+        that change themselves while they train (a rank allocator reading the gradients); default: nothing."""
+
     def merge(self) -> None:
         """Fold the method into the base weights for inference, where it can (LoRA)."""
 

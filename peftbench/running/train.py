@@ -139,9 +139,9 @@ class _Watch(TrainerCallback):
     for a search trial, ``prune(step, value) -> bool`` asked at each validation pass."""
 
     def __init__(self, model, primary: str, higher: bool, patience: int | None, bar_desc: str, quiet: bool, device,
-                 prune: Callable[[int, float], bool] | None = None):
+                 prune: Callable[[int, float], bool] | None = None, after_step: Callable[[int, int], None] | None = None):
         self.model, self.key, self.higher, self.patience = model, f"eval_{primary}", higher, patience
-        self.prune = prune
+        self.prune, self.after_step = prune, after_step
         self.pruned = False
         self.best: float | None = None
         self.best_step: int | None = None
@@ -163,6 +163,10 @@ class _Watch(TrainerCallback):
         from tqdm.auto import tqdm
 
         self._bar = tqdm(total=state.max_steps, desc=self._desc, leave=False, position=1, disable=self._quiet, dynamic_ncols=True)
+
+    def on_optimizer_step(self, args, state, control, **kwargs):  # gradients still there; global_step: this step's index
+        if self.after_step is not None:
+            self.after_step(state.global_step, state.max_steps)
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._sync()
@@ -281,17 +285,19 @@ def train(backbone, data, task, cfg: TrainingSpec, *, lr: float, seed: int, devi
           metric_fn: Callable[[object], dict], generation_eval: Callable[[object], dict] | None = None,
           desc: str = "trial", quiet: bool = False,
           prune: Callable[[int, float], bool] | None = None, report_to: list[str] | str = "none",
-          run_name: str | None = None) -> tuple[TrainOutcome, _Trainer, _Watch]:
+          run_name: str | None = None, after_step: Callable[[int, int], None] | None = None,
+          ) -> tuple[TrainOutcome, _Trainer, _Watch]:
     """Train ``backbone.model`` (already frozen + injected) and restore its best validation state.
 
     ``data`` holds tokenized ``train`` and ``validation`` (raw validation for generation tasks);
     ``prune(step, value)``: a search trial's pruner, asked at each validation pass (True stops it);
-    ``report_to``, ``run_name``: the trackers the Trainer logs to and the run's name.
+    ``report_to``, ``run_name``: the trackers the Trainer logs to and the run's name; ``after_step(step,
+    total)``: called after each optimizer step (``Injection.after_optimizer_step``).
     """
     model = backbone.model
     total = plan_steps(len(data["train"]), cfg)
     watch = _Watch(model, task.primary_metric, higher_is_better(task.direction), cfg.patience, desc, quiet, device,
-                   prune)
+                   prune, after_step)
     kind = "generation" if generation_eval is not None else "classification"
     with tempfile.TemporaryDirectory(prefix="peftbench-trainer-") as tmp:
         args = training_arguments(cfg, lr, seed, total, device, precision, tmp, report_to, run_name)

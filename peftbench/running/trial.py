@@ -132,7 +132,8 @@ def run_trial(spec: TrialSpec, options: RunOptions, artifacts: str | None, regis
                                         precision=precision, metric_fn=metric_fn, generation_eval=generation_eval,
                                         desc=desc, quiet=options.quiet,
                                         prune=pruning_callback(pruning) if spec.role == "search" else None,
-                                        report_to=tracking.report_to, run_name=tracking.run_name)
+                                        report_to=tracking.report_to, run_name=tracking.run_name,
+                                        after_step=injection.after_optimizer_step)
         except Diverged as exc:
             exc.result = TrialResult(steps=exc.steps, curves=curves(exc.log_history, task.primary_metric),
                                      environment={**environment(device), **_ranks()}, examples=_examples(data, spec),
