@@ -27,6 +27,7 @@ from peftbench.contract.apply import apply, measure
 from peftbench.contract.costs import Cost
 from peftbench.contract.injection import Injection, load_injection
 from peftbench.backbones.layout import LINEAR_SITES, SITE_NAMES, ArchLayout, Site, is_conv1d, linear_shape
+from peftbench.backbones.kv_prefix import kv_prefix_for
 from peftbench.contract.method import Method, MethodConfig, PeftAdapter
 from peftbench.contract.method import PerLayerConfig
 from peftbench.contract.registry import get_registry
@@ -50,7 +51,7 @@ __all__ = [
     "ArchLayout", "AssetError", "Backbone", "BackboneSpec", "Budget", "BudgetError", "ConfigError", "Cost",
     "Injection", "LINEAR_SITES", "LayoutError", "Method", "MethodConfig", "PerLayerConfig", "PeftAdapter", "PeftbenchError", "PluginError",
     "SITE_NAMES", "Site", "Solution", "TASK_KINDS", "VerificationError", "apply", "from_config", "get_registry",
-    "hookimpl", "hookspec", "is_conv1d", "linear_shape", "load_backbone", "load_injection", "logical_numel",
+    "hookimpl", "hookspec", "is_conv1d", "kv_prefix_for", "linear_shape", "load_backbone", "load_injection", "logical_numel",
     "measure", "parse_budget", "quant", "solve", "solve_or_raise", "spec_for",
     "Task", "get_task", "packaged_data", "load", "Model", "blocks",
 ]

@@ -65,16 +65,13 @@ LAYOUTS = [
         model_type="deberta-v2",
         layers="encoder.layer",
         sites={
-            **{k: v for k, v in _BERT_SITES.items() if k != "attention"},
+            **_BERT_SITES,
             "q": "attention.self.query_proj",
             "k": "attention.self.key_proj",
             "v": "attention.self.value_proj",
         },
         embeddings="embeddings.word_embeddings",
-        absent={
-            "attention": "DeBERTa's disentangled attention adds relative-position scores itself and never calls "
-            "transformers' attention-function registry, so no key/value prefix can reach it",
-        },
+        prefix_attention=lambda module: _deberta_prefix_attention(module),
     ),
     peftbench.ArchLayout(
         model_type="distilbert",
@@ -131,3 +128,48 @@ LAYOUTS = [
 def register_architectures(register):
     for layout in LAYOUTS:
         register(layout)
+
+
+def _deberta_prefix_attention(attention):
+    """DeBERTa-v2's ``DisentangledSelfAttention`` with key/value prefixes: the module's own computation
+    (content scores plus its relative-position terms over the real tokens), with the prefix's keys as
+    extra columns scored by content only (a prefix has no position, so no c2p/p2c term), never masked,
+    and its values beside the real ones. The instance's ``forward`` is replaced; the undo deletes it."""
+    import torch
+
+    original = attention.forward
+
+    def forward(hidden_states, attention_mask, output_attentions=False, query_states=None, relative_pos=None,
+                rel_embeddings=None):
+        heads = attention.num_attention_heads
+        key_layer = attention.transpose_for_scores(attention.key_proj(hidden_states), heads)  # (B*H, k, D)
+        batch = key_layer.shape[0] // heads
+        prefix = peftbench.kv_prefix_for(attention, key_layer.view(batch, heads, -1, key_layer.shape[-1]))
+        if prefix is None:
+            return original(hidden_states, attention_mask, output_attentions, query_states, relative_pos,
+                            rel_embeddings)
+        query_layer = attention.transpose_for_scores(
+            attention.query_proj(hidden_states if query_states is None else query_states), heads)
+        value_layer = attention.transpose_for_scores(attention.value_proj(hidden_states), heads)
+        scale_factor = 1 + ("c2p" in attention.pos_att_type) + ("p2c" in attention.pos_att_type)
+        scale = torch.sqrt(torch.tensor(query_layer.size(-1), dtype=torch.float) * scale_factor).to(query_layer.dtype)
+        scores = torch.bmm(query_layer, key_layer.transpose(-1, -2) / scale)
+        if attention.relative_attention:
+            scores = scores + attention.disentangled_attention_bias(
+                query_layer, key_layer, relative_pos, attention.pos_dropout(rel_embeddings), scale_factor)
+        prefix_key, prefix_value = (p.reshape(batch * heads, -1, p.shape[-1]) for p in prefix)
+        n = prefix_key.shape[1]
+        scores = torch.cat([torch.bmm(query_layer, prefix_key.transpose(-1, -2) / scale), scores], dim=-1)
+        scores = scores.view(-1, heads, scores.size(-2), scores.size(-1))
+        mask = attention_mask.bool()
+        mask = torch.cat([torch.ones(*mask.shape[:-1], n, dtype=torch.bool, device=mask.device),
+                          mask.expand(*mask.shape[:-2], scores.size(-2), mask.shape[-1])], dim=-1)
+        scores = scores.masked_fill(~mask, torch.finfo(query_layer.dtype).min)
+        probs = attention.dropout(torch.nn.functional.softmax(scores, dim=-1))
+        context = torch.bmm(probs.view(-1, probs.size(-2), probs.size(-1)), torch.cat([prefix_value, value_layer], 1))
+        context = context.view(-1, heads, context.size(-2), context.size(-1)).permute(0, 2, 1, 3).contiguous()
+        context = context.view(context.size()[:-2] + (-1,))
+        return (context, probs if output_attentions else None)
+
+    attention.forward = forward
+    return lambda: attention.__dict__.pop("forward", None)

@@ -9,7 +9,8 @@ phi3 (fused q|k|v under GQA, fused gate|up), xlm-roberta, electra and deberta-v2
   backward that reach every method parameter, and remove() restores the model bit for bit;
 - the key/value prefix equals "extra tokens whose keys and values are the prefix" (SDPA and
   Gemma 2's eager soft-capped attention alike), and cached generation equals uncached;
-- DeBERTa-v2's disentangled attention, which no prefix can reach, is refused with the reason.
+- DeBERTa-v2's disentangled attention takes key/value prefixes through its layout's own
+  ``prefix_attention`` (content scores for the prefix columns, its relative terms over the real tokens).
 Inference: it reproduces every registered table that follows the usual names, runs the methods
 on real unregistered families (Granite, OLMo, StableLM, StarCoder2, CamemBERT) after a one-line warning,
 and fails in one line naming the model type and what it could not find (GPT-NeoX, T5).
@@ -37,7 +38,7 @@ from peftbench_plugins import layout_inference
 REGISTRY = peftbench.get_registry()
 METHODS = ("lora", "houlsby", "ptuning_v2")
 KNOBS = {"lora": (1, 3), "houlsby": (1, 4), "ptuning_v2": (1, 3), "prompt": (1, 3), "ptuning": (1, 3)}
-PREFIXED = tuple(f for f in FAMILIES if f != "deberta-v2")  # families whose attention takes a kv prefix
+PREFIXED = tuple(f for f in FAMILIES if f != "deberta-v2")  # families whose attention goes through the registry
 
 
 def build(family: str, **kwargs) -> peftbench.Backbone:
@@ -207,14 +208,6 @@ def check_method(backbone, name: str) -> None:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_methods_count_train_and_remove(family, method):
     backbone = build(family)
-    if (family, method) == ("deberta-v2", "ptuning_v2"):
-        ptuning = REGISTRY.method(method)
-        state = snapshot(backbone.model)
-        with pytest.raises(peftbench.LayoutError, match="'deberta-v2' has no site 'attention' .*disentangled"):
-            peftbench.apply(ptuning, backbone, ptuning.config())
-        assert backbone.count_trainable() == 0 and all(torch.equal(v, state[k]) for k, v in
-                                                       snapshot(backbone.model).items())
-        return
     check_method(backbone, method)
 
 
@@ -315,6 +308,61 @@ def test_kv_prefix_equals_prepended_tokens(family):
     assert backbone.model.config._attn_implementation == before
 
 
+def test_deberta_prefix_of_no_tokens_is_the_plain_attention():
+    """DeBERTa-v2's prefix path recomputes its disentangled attention (c2p and p2c relative terms): with a
+    prefix of zero tokens it gives the model's own outputs; switched off, the module's own forward runs."""
+    backbone = build("deberta-v2")
+    data = tiny_batch()
+    spec = backbone.spec
+    with torch.no_grad():
+        plain = backbone.model(**data).logits
+    empty = torch.zeros(spec.kv_heads, 0, spec.head_dim)
+    undo = attach_kv_prefix(backbone, lambda layer, b: (empty, empty))
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(backbone.model(**data).logits, plain, atol=1e-6, rtol=1e-6)
+    finally:
+        undo()
+    assert not any("forward" in m.__dict__ or "_peftbench_kv_prefix" in m.__dict__ for m in backbone.model.modules())
+
+
+def test_deberta_prefix_equals_prepended_tokens_without_relative_attention():
+    """With DeBERTa's relative terms off (absolute positions, content attention only), a prefix of the keys
+    and values n extra tokens produce equals running over [extra; input]: the prefix columns' scores, the
+    mask and the values are put in as the module's own computation would."""
+    n = 3
+    config = family_config("deberta-v2")
+    config.relative_attention, config.position_biased_input, config.pos_att_type = False, True, []
+    backbone = peftbench.from_config(config, task="classification", registry=REGISTRY)
+    backbone.model.eval()
+    data = tiny_batch()
+    batch, length = data["input_ids"].shape
+    extra = torch.randint(3, VOCAB, (batch, n), generator=torch.Generator().manual_seed(5))
+    seen = {}
+    handles = [s.module.key_proj.register_forward_hook(lambda m, a, out, i=s.layer: seen.setdefault(("k", i), out))
+               for s in backbone.sites("attention")]
+    handles += [s.module.value_proj.register_forward_hook(lambda m, a, out, i=s.layer: seen.setdefault(("v", i), out))
+                for s in backbone.sites("attention")]
+    full = {"input_ids": torch.cat([extra, data["input_ids"]], 1),
+            "attention_mask": torch.cat([torch.ones(batch, n, dtype=torch.long), data["attention_mask"]], 1),
+            "position_ids": torch.cat([torch.arange(n).expand(batch, n), torch.arange(n, n + length).expand(batch, -1)], 1)}
+    with torch.no_grad():
+        expected = backbone.base_model(**full).last_hidden_state
+    for h in handles:
+        h.remove()
+    heads, dim = backbone.spec.kv_heads, backbone.spec.head_dim
+    prefixes = {i: tuple(seen[(kind, i)][:, :n].view(batch, n, heads, dim).transpose(1, 2) for kind in "kv")
+                for i in range(backbone.spec.layers)}
+    undo = attach_kv_prefix(backbone, lambda layer, b: prefixes[layer])
+    try:
+        with torch.no_grad():
+            got = backbone.base_model(**data, position_ids=torch.arange(n, n + length).expand(batch, -1)).last_hidden_state
+    finally:
+        undo()
+    real = data["attention_mask"].bool()
+    torch.testing.assert_close(got[real], expected[:, n:][real], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("family", ["qwen2", "gemma2"])  # SDPA and eager attention
 def test_prefix_on_some_layers_leaves_the_others_as_they_were(family):
     backbone = build(family)
@@ -365,11 +413,12 @@ def test_prefix_generation_with_cache_equals_without(family):
 
 
 def test_prefix_refused_where_transformers_keeps_the_attention_function():
-    """A layout that wrongly offers DeBERTa's attention as a prefix site: transformers will not
-    switch its attention function, so the prefix would be ignored; attaching is refused instead."""
+    """A layout that offers DeBERTa's attention as a prefix site without its ``prefix_attention``:
+    transformers will not switch its attention function, so the prefix would be ignored; attaching
+    is refused instead."""
     layout = REGISTRY.architectures["deberta-v2"].obj
-    wrong = peftbench.ArchLayout(model_type="deberta-v2", layers=layout.layers,
-                                 sites={**layout.sites, "attention": "attention.self"}, embeddings=layout.embeddings)
+    wrong = peftbench.ArchLayout(model_type="deberta-v2", layers=layout.layers, sites=layout.sites,
+                                 embeddings=layout.embeddings)
     backbone = peftbench.Backbone(build("deberta-v2").model, wrong)
     with pytest.raises(peftbench.ConfigError, match="does not call transformers' attention-function registry"):
         attach_kv_prefix(backbone, lambda layer, b: (torch.zeros(4, 2, 8), torch.zeros(4, 2, 8)))
@@ -445,15 +494,16 @@ def test_solve_loads_a_saved_folder_and_verifies(family, tmp_path, capsys):
 
 
 def test_solve_shows_a_refusing_method_as_a_row_and_goes_on(tmp_path, capsys):
-    """DeBERTa-v2's attention never calls transformers' attention registry: P-tuning v2 is refused there,
-    and solve says so in its row (with the reason) instead of stopping before the other methods."""
+    """peft has no LoHa layer for GPT-2's Conv1D projections: peft:loha is refused there, and solve says so
+    in its row (with the reason) instead of stopping before the other methods."""
     from peftbench.cli import main
+    from run_helpers import make_tiny_model
 
-    save_folder("deberta-v2", tmp_path / "deberta", width=64, vocab=4096)
-    code = main(["solve", "--backbone", str(tmp_path / "deberta"), "--methods", "lora,ptuning_v2,houlsby",
+    make_tiny_model(tmp_path / "gpt2", "gpt2")
+    code = main(["solve", "--backbone", str(tmp_path / "gpt2"), "--methods", "lora,peft:loha,houlsby",
                  "--budget", "1%", "--task", "classification"])
     out = capsys.readouterr().out
     assert code == 0
-    assert re.search(r"\| ptuning_v2 .*\| refused +\|", out) and re.search(r"\| lora .*\| yes +\|", out)
+    assert re.search(r"\| peft:loha .*\| refused +\|", out) and re.search(r"\| lora .*\| yes +\|", out)
     assert re.search(r"\| houlsby .*\| yes +\|", out)
-    assert "ptuning_v2: refused on this backbone:" in out and "attention-function registry" in out
+    assert "peft:loha: refused on this backbone:" in out and "Conv1D" in out

@@ -17,6 +17,10 @@ A model that runs eager attention (Gemma 2, whose logit soft-capping SDPA cannot
 it: the prefix function then calls the eager attention function of the attention module's
 own modeling file, with the widened mask turned into transformers' additive float form.
 
+A family whose attention never calls the registry (DeBERTa's disentangled attention) names in its
+layout a ``prefix_attention(module) -> undo`` that makes the module ask ``kv_prefix_for(module, key)``
+for its prefix itself; the slots, the layer switch and the undo are the same.
+
 A provider is ``provider(layer, batch) -> (key, value)``, each ``(kv_heads, n, head_dim)``
 (shared by the batch, expanded here as a view) or ``(batch, kv_heads, n, head_dim)``.
 """
@@ -147,6 +151,17 @@ def prefix_attention(module, query, key, value, attention_mask, **kwargs):
     return attend(module, query, key, value, attention_mask, **kwargs)
 
 
+def kv_prefix_for(module, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """For an attention module that puts prefixes in itself (a layout's ``prefix_attention``): its layer's
+    (key, value) prefix, each (B, H_kv, n, D) like ``key`` (B, H_kv, k, D); None where the layer has no prefix
+    or it is switched off (layer ablation)."""
+    slot: _Slot | None = module.__dict__.get(_SLOT)
+    if slot is None or not (slot.active and slot.enabled):
+        return None
+    prefix_key, prefix_value = slot.prefix.provider(slot.layer, key.shape[0])
+    return _batched(prefix_key, key), _batched(prefix_value, key)
+
+
 def prefix_mask(*args, **kwargs):
     kwargs["allow_is_causal_skip"] = False
     kwargs["allow_is_bidirectional_skip"] = False
@@ -161,11 +176,14 @@ def attach_kv_prefix(backbone, provider: Provider, layers: list[int] | None = No
     """Install ``provider`` on the attention module of each layer; return the undo (an ``Attachment``)."""
     model = backbone.model
     before = model.config._attn_implementation
-    if before == NAME:
+    sites = backbone.sites("attention")  # every layer: the ones without a prefix keep the model's function
+    if before == NAME or any(_SLOT in s.module.__dict__ for s in sites):
         raise ConfigError(f"backbone {backbone.name!r} already carries a key/value prefix; remove it first")
     prefix = _Prefix(provider, eager=before == "eager")
     chosen = set(layers if layers is not None else range(backbone.spec.layers))
-    sites = backbone.sites("attention")  # every layer: the ones without a prefix keep the model's function
+    own = backbone.layout.prefix_attention
+    if own is not None:  # the family's attention puts the prefix in itself
+        return _attach_own(own, sites, prefix, chosen)
     model.set_attn_implementation(NAME)
     if model.config._attn_implementation != NAME:  # transformers declined: the prefix would be silently ignored
         raise ConfigError(f"backbone {backbone.name!r} ({backbone.layout.model_type}): its attention does not call "
@@ -185,5 +203,21 @@ def attach_kv_prefix(backbone, provider: Provider, layers: list[int] | None = No
         for attention in modules:
             attention.__dict__.pop(_SLOT, None)
         model.set_attn_implementation(before)
+
+    return Attachment(undo, slots)
+
+
+def _attach_own(own, sites, prefix: _Prefix, chosen: set[int]) -> Attachment:
+    slots, undos = {}, []
+    for site in sites:
+        slot = site.module.__dict__[_SLOT] = _Slot(prefix, site.layer, site.layer in chosen)
+        if slot.active:
+            slots[site.layer] = slot
+        undos.append(own(site.module))
+
+    def undo():
+        for site, undo_one in zip(sites, undos):
+            undo_one()
+            site.module.__dict__.pop(_SLOT, None)
 
     return Attachment(undo, slots)

@@ -13,7 +13,7 @@ and ``attention`` (the module that calls the attention function: the key/value p
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Callable, Mapping
 
 from torch import nn
 
@@ -39,6 +39,10 @@ class ArchLayout:
     causal: bool = False
     #: standard sites this family cannot offer -> why (named in the error when a method asks)
     absent: Mapping[str, str] = field(default_factory=dict)
+    #: for a family whose attention module never calls transformers' attention-function registry (DeBERTa):
+    #: ``prefix_attention(module) -> undo`` makes that module put key/value prefixes in front of its own keys
+    #: and values, asking ``peftbench.kv_prefix_for(module, key)`` for them on every call; None: the registry
+    prefix_attention: Callable[[nn.Module], Callable[[], None]] | None = None
 
     def site_names(self) -> list[str]:
         names = list(self.sites)
