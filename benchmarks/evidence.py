@@ -2,6 +2,7 @@
 
     python benchmarks/evidence.py reports/protocol            # prints the table, writes evidence.md beside it
 
+A row's diagnostics flagged by the report (`cap`, `chance`, `edge`, `diverged`) are printed after it.
 Each claim compares two rows of one (task, backbone) group on the test primary metric, over the
 final seeds (selected on validation by the suite's search). The difference A − B is in points
 (metric × 100) with its 95% Welch interval (Welch–Satterthwaite degrees of freedom) and Welch's
@@ -22,6 +23,7 @@ from pathlib import Path
 from scipy import stats as sps
 
 from peftbench.report import stats
+from peftbench.report.diagnostics import FLAGGED
 from peftbench.report.groups import build_groups
 from peftbench.results.store import Store
 
@@ -31,18 +33,21 @@ class Row:
     label: str
     values: list[float]  # test primary metric over seeds, in points
     achieved: float  # % of the backbone
+    lr: float | None = None  # the final seeds' learning rate (the search's selection where the suite searched)
+    flags: tuple[str, ...] = ()  # the report's diagnostics flagged on this row (cap, chance, edge, diverged)
 
 
 def _rows(store_dir: Path) -> dict[tuple[str, str], dict[str, Row]]:
     """(task, backbone) -> {display name: Row} over every budget group of the suite."""
-    records = Store(store_dir / "results.sqlite", create=False).records()
+    records = Store(store_dir / "results.sqlite", readonly=True).records()  # read only: no schema migration
     out: dict[tuple[str, str], dict[str, Row]] = {}
     for group in build_groups(records):
         rows = out.setdefault((group.task, group.backbone), {})
         for m in group.methods:
             values = [100 * v for v in m.values(group.primary)]
             if values:
-                rows.setdefault(m.spec.display, Row(m.spec.display, values, m.spec.achieved_pct))
+                flags = tuple(c.code for c in m.checks if c.state == FLAGGED)
+                rows.setdefault(m.spec.display, Row(m.spec.display, values, m.spec.achieved_pct, m.spec.lr, flags))
     return out
 
 
@@ -76,7 +81,8 @@ def _fmt(row: Row) -> str:
     ci = stats.ci(row.values)
     spread = f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else ""
     size = f"{row.achieved:.0f}%" if row.achieved >= 10 else f"{row.achieved:.2g}%"
-    return f"{row.label} {stats.mean(row.values):.1f}{spread} ({size})"
+    flags = f" `{', '.join(row.flags)}`" if row.flags else ""
+    return f"{row.label} {stats.mean(row.values):.1f}{spread} ({size}){flags}"
 
 
 def _compare(a: Row, b: Row) -> str:
@@ -105,7 +111,22 @@ CLAIMS = [
      "holds if the 95% interval of prefix with MLP − without lies above 0; without the MLP is "
      "`prefix (reparameterize=False)` where the suite has that row, else `ptuning_v2`, which is the same "
      "method (bit-identical validation curves on every seed in reports/protocol)"),
+    # the design notes' rules of thumb (../shared/seeds); each is checked where a suite has both rows
+    ("Upper layers' adapters matter more than lower layers': the budget in the top half beats the bottom half",
+     "Houlsby et al. 2019 Fig. 6; design note 002", "houlsby (layers=top:3)", "houlsby (layers=bottom:3)",
+     ("above", 0.0), "holds if the 95% interval of top half − bottom half (same budget, same method) lies above 0"),
+    ("(the same placement claim for LoRA)", "design note 002", "lora (layers=top:3)", "lora (layers=bottom:3)",
+     ("above", 0.0), "as above"),
+    ("Dynamic allocation by importance beats uniform sizes at the same budget (+2.3 GLUE points)",
+     "design note 003 §5", "houlsby (allocation=importance, allocation_steps=10)", "houlsby (defaults)",
+     ("above", 0.0), "holds if the 95% interval of importance − uniform allocation lies above 0"),
+    ("(the same allocation claim for LoRA)", "design note 003 §5", "lora (allocation=importance, allocation_steps=10)",
+     "lora (defaults)", ("above", 0.0), "as above"),
 ]
+
+#: design note 003: adapters want a learning rate about 10x full fine-tuning's
+LR_METHODS = ("houlsby (defaults)", "pfeiffer", "adapter_lora")
+LR_BAND = (10 / math.sqrt(10), 10 * math.sqrt(10))  # within half a decade of 10x
 
 
 def _names(spec: str | tuple[str, ...]) -> tuple[str, ...]:
@@ -122,6 +143,8 @@ def evidence(suite_dir: Path) -> str:
              "| Holds at this scale? |", "| --- | --- | --- | --- | --- |"]
     rules = []
     for claim, source, a_name, b_name, (kind, threshold), rule in CLAIMS:
+        if not any(_pick(rows, a_name) for rows in groups.values()):
+            continue  # a claim this suite was not built to check (its first arm is in no group)
         if rule != "as above":
             rules.append(f"- {source}: {rule}.")
         for (task, backbone), rows in sorted(groups.items()):
@@ -144,8 +167,39 @@ def evidence(suite_dir: Path) -> str:
             else:
                 verdict = _verdict(diff(a, b)[1], threshold)
             lines.append(f"| {claim} | {source} | {task} ({backbone}) | {text} | **{verdict}** |")
-    return "\n".join(lines + ["", "Verdict rules (each decided on the 95% Welch interval of the difference):",
+    text = "\n".join(lines + ["", "Verdict rules (each decided on the 95% Welch interval of the difference):",
                               *rules, ""])
+    return text + learning_rates(groups)
+
+
+def learning_rates(groups) -> str:
+    """Design note 003's rule that adapters want about 10x full fine-tuning's learning rate, read off the
+    rates the suite's search selected on validation (empty where the suite has no full fine-tuning row)."""
+    lines = []
+    for (task, backbone), rows in sorted(groups.items()):
+        full = rows.get("full")
+        if full is None or full.lr is None:
+            continue
+        for name in LR_METHODS:
+            row = rows.get(name)
+            if row is None or row.lr is None:
+                continue
+            ratio = row.lr / full.lr
+            verdict = "holds" if LR_BAND[0] <= ratio <= LR_BAND[1] else "does not hold"
+            edge = ", ".join(f"{n} `edge`" for n, r in ((name, row), ("full", full)) if "edge" in r.flags) or "no"
+            if edge != "no":  # the best rate may lie outside the range searched: the ratio is not a measurement
+                verdict = "inconclusive (a selection at its range's edge)"
+            lines.append(f"| {task} ({backbone}) | {name} | {row.lr:.2g} | {full.lr:.2g} | {ratio:.1f}× | {edge} "
+                         f"| **{verdict}** |")
+    if not lines:
+        return ""
+    return "\n".join([
+        "", "Learning rates selected on validation (design note 003: adapters want about 10× full fine-tuning's; "
+        f"holds when the ratio lies within half a decade of 10×, {LR_BAND[0]:.1f}×–{LR_BAND[1]:.0f}×; the search's "
+        "resolution is its grid):", "",
+        "| Task | Adapter | adapter lr | full fine-tuning lr | ratio | selected at a range's edge | 10× rule |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+        *lines, ""])
 
 
 def main(argv=None) -> int:
