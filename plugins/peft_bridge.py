@@ -16,8 +16,8 @@ targets' input widths that peft accepts); ``param_count`` must be non-decreasing
 on a spread of knob values the first time a config is solved, and a breach is an error naming both
 points. (IA)^3 and LN tuning have no size field: they are knob-less, like other methods without a knob.
 
-Only layer tuners are bridged: peft's prompt-learning tuners (prefix and prompt tuning, P-tuning) wrap
-the whole model in a ``PeftModel`` and are left to peftbench's own ``prefix``, ``prompt`` and ``ptuning``.
+peft's prompt-learning tuners (prefix and prompt tuning, P-tuning) wrap the whole model rather than
+layers: they are bridged apart, in ``peft_prompts`` (registered by this plugin's hook).
 AdaLoRA (``peft:adalora``) runs as in peft's own training loop: the solver sets the initial rank ``init_r``
 (what the optimizer holds, hence the budget; peft's count too), the target rank defaults to 2/3 of it (peft's
 defaults, 8 of 12), and after each optimizer step (``Injection.after_optimizer_step``) peft's
@@ -489,3 +489,6 @@ def register_methods(register):
         return  # no peft, no peft:<tuner> methods; the rest of peftbench works without them
     for tuner in TUNERS:
         register(PeftMethod(tuner))
+    from .peft_prompts import register as register_prompts  # peft's prompt-learning tuners
+
+    register_prompts(register)
