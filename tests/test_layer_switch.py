@@ -20,7 +20,7 @@ REGISTRY = peftbench.get_registry()
 
 METHODS = sorted(REGISTRY.methods)
 #: methods whose layers hold nothing to switch off
-NOT_PER_LAYER = {"full", "head", "prompt", "ptuning", "topk"}
+NOT_PER_LAYER = {"full", "head", "prompt", "ptuning", "topk", "peft:prompt_tuning", "peft:p_tuning"}
 
 
 def _logits(backbone, batch):
