@@ -70,6 +70,26 @@ def make_sentiment_csv(path: Path, rows: int = 120, seed: int = 0) -> Path:
     return path
 
 
+def train_tiny_suite(root: Path, training: str, methods: str, rows: int) -> dict:
+    """Train ``methods`` at 5% on a tiny BERT and a ``rows``-row sentiment CSV with the suite YAML ``training``,
+    through ``peftbench run`` (suite ``s`` under ``root/out``); the paths tests need."""
+    import argparse
+
+    from peftbench.running.runner import add_run_arguments, main_run
+
+    model = make_tiny_model(root / "tiny-bert")
+    data = make_sentiment_csv(root / "reviews.csv", rows=rows)
+    (root / "fast.yaml").write_text(training)
+    parser = argparse.ArgumentParser()
+    add_run_arguments(parser)
+    args = parser.parse_args(["--config", str(root / "fast.yaml"), "--backbone", str(model), "--task",
+                              f"file:{data}", "--text-column", "review", "--label-column", "sentiment",
+                              "--methods", methods, "--budget", "5%", "--out", str(root / "out"),
+                              "--suite", "s", "--quiet"])
+    assert main_run(args) == 0
+    return {"root": root, "dir": root / "out" / "s", "model": model}
+
+
 def kill_9_run_when(argv: list[str], cwd: Path, poll, ready, timeout: float, what: str):
     """Start ``peftbench run argv`` in a subprocess, SIGKILL it as soon as ``ready(poll())`` holds.
 

@@ -7,7 +7,6 @@ replacement, hooks, key/value prefixes) and a soft prompt (nothing per-layer), t
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 
@@ -17,9 +16,8 @@ import torch
 import peftbench
 from peftbench.cli import main
 from peftbench.results.ablation import ABLATION_FILE, by_group, mean_drops, read_ablation, spans
-from peftbench.running.runner import add_run_arguments, main_run
 from peftbench.using.ablate import Validation
-from run_helpers import make_sentiment_csv, make_tiny_model
+from run_helpers import train_tiny_suite
 
 TRAINING = "seeds: 2\ntraining:\n  threads: 1\n  batch_size: 8\n  eval_batch_size: 32\n  max_length: 40\n" \
            "  max_steps: 3\n  eval_every: 3\n  patience: null\n  lr:\n    lora: 0.05\n    houlsby: 0.05\n" \
@@ -30,18 +28,7 @@ PER_LAYER = ("houlsby", "lora", "prefix")
 
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ablate")
-    model = make_tiny_model(root / "tiny-bert")
-    data = make_sentiment_csv(root / "reviews.csv", rows=60)
-    (root / "fast.yaml").write_text(TRAINING)
-    parser = argparse.ArgumentParser()
-    add_run_arguments(parser)
-    args = parser.parse_args(["--config", str(root / "fast.yaml"), "--backbone", str(model), "--task",
-                              f"file:{data}", "--text-column", "review", "--label-column", "sentiment",
-                              "--methods", "lora,houlsby,prefix,prompt", "--budget", "5%", "--out",
-                              str(root / "out"), "--suite", "s", "--quiet"])
-    assert main_run(args) == 0
-    return {"root": root, "dir": root / "out" / "s", "model": model}
+    return train_tiny_suite(tmp_path_factory.mktemp("ablate"), TRAINING, "lora,houlsby,prefix,prompt", rows=60)
 
 
 @pytest.fixture(scope="module")

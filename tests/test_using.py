@@ -8,7 +8,6 @@ are ``neg``/``pos``, three optimizer steps per trial): LoRA and Houlsby, seed 0.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import subprocess
@@ -22,9 +21,8 @@ from safetensors.torch import load_file, save_file
 import peftbench
 from peftbench.cli import main
 from peftbench.errors import ConfigError
-from peftbench.running.runner import add_run_arguments, main_run
 from peftbench.using.export import CHECK_TEXTS, export
-from run_helpers import make_sentiment_csv, make_tiny_model
+from run_helpers import make_tiny_model, train_tiny_suite
 
 TRAINING = "seeds: 1\ntraining:\n  threads: 1\n  batch_size: 8\n  eval_batch_size: 32\n  max_length: 40\n" \
            "  max_steps: 3\n  eval_every: 3\n  patience: null\n"
@@ -34,18 +32,7 @@ REGISTRY = peftbench.get_registry()
 
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory):
-    root = tmp_path_factory.mktemp("using")
-    model = make_tiny_model(root / "tiny-bert")
-    data = make_sentiment_csv(root / "reviews.csv", rows=48)
-    (root / "fast.yaml").write_text(TRAINING)
-    parser = argparse.ArgumentParser()
-    add_run_arguments(parser)
-    args = parser.parse_args(["--config", str(root / "fast.yaml"), "--backbone", str(model), "--task",
-                              f"file:{data}", "--text-column", "review", "--label-column", "sentiment",
-                              "--methods", "lora,houlsby", "--budget", "5%", "--out", str(root / "out"),
-                              "--suite", "s", "--quiet"])
-    assert main_run(args) == 0
-    return {"root": root, "dir": root / "out" / "s", "model": model}
+    return train_tiny_suite(tmp_path_factory.mktemp("using"), TRAINING, "lora,houlsby", rows=48)
 
 
 def adapter_dir(suite, method: str) -> Path:
