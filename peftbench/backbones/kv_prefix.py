@@ -181,43 +181,29 @@ def attach_kv_prefix(backbone, provider: Provider, layers: list[int] | None = No
         raise ConfigError(f"backbone {backbone.name!r} already carries a key/value prefix; remove it first")
     prefix = _Prefix(provider, eager=before == "eager")
     chosen = set(layers if layers is not None else range(backbone.spec.layers))
-    own = backbone.layout.prefix_attention
-    if own is not None:  # the family's attention puts the prefix in itself
-        return _attach_own(own, sites, prefix, chosen)
-    model.set_attn_implementation(NAME)
-    if model.config._attn_implementation != NAME:  # transformers declined: the prefix would be silently ignored
-        raise ConfigError(f"backbone {backbone.name!r} ({backbone.layout.model_type}): its attention does not call "
-                          f"transformers' attention-function registry, so a key/value prefix cannot be attached")
-    if prefix.eager and any(_eager_function(s.module) is None for s in sites):
-        model.set_attn_implementation(before)
-        raise ConfigError(f"backbone {backbone.name!r} runs eager attention, but the module of its attention "
-                          f"({type(sites[0].module).__name__}) has no eager_attention_forward to add a prefix to")
-    modules, slots = [], {}
+    own = backbone.layout.prefix_attention  # the family's attention puts the prefix in itself, or None
+    if own is None:
+        model.set_attn_implementation(NAME)
+        if model.config._attn_implementation != NAME:  # transformers declined: the prefix would be silently ignored
+            raise ConfigError(f"backbone {backbone.name!r} ({backbone.layout.model_type}): its attention does not "
+                              f"call transformers' attention-function registry, so a key/value prefix cannot be attached")
+        if prefix.eager and any(_eager_function(s.module) is None for s in sites):
+            model.set_attn_implementation(before)
+            raise ConfigError(f"backbone {backbone.name!r} runs eager attention, but the module of its attention "
+                              f"({type(sites[0].module).__name__}) has no eager_attention_forward to add a prefix to")
+    slots = {}
     for site in sites:
         slot = site.module.__dict__[_SLOT] = _Slot(prefix, site.layer, site.layer in chosen)
         if slot.active:
             slots[site.layer] = slot
-        modules.append(site.module)
+    undos = [own(site.module) for site in sites] if own is not None else []
 
     def undo():
-        for attention in modules:
-            attention.__dict__.pop(_SLOT, None)
-        model.set_attn_implementation(before)
-
-    return Attachment(undo, slots)
-
-
-def _attach_own(own, sites, prefix: _Prefix, chosen: set[int]) -> Attachment:
-    slots, undos = {}, []
-    for site in sites:
-        slot = site.module.__dict__[_SLOT] = _Slot(prefix, site.layer, site.layer in chosen)
-        if slot.active:
-            slots[site.layer] = slot
-        undos.append(own(site.module))
-
-    def undo():
-        for site, undo_one in zip(sites, undos):
+        for undo_one in undos:
             undo_one()
+        for site in sites:
             site.module.__dict__.pop(_SLOT, None)
+        if own is None:
+            model.set_attn_implementation(before)
 
     return Attachment(undo, slots)
