@@ -136,6 +136,7 @@ def _deberta_prefix_attention(attention):
     extra columns scored by content only (a prefix has no position, so no c2p/p2c term), never masked,
     and its values beside the real ones. The instance's ``forward`` is replaced; the undo deletes it."""
     import torch
+    from transformers.models.deberta_v2.modeling_deberta_v2 import scaled_size_sqrt
 
     original = attention.forward
 
@@ -152,7 +153,7 @@ def _deberta_prefix_attention(attention):
             attention.query_proj(hidden_states if query_states is None else query_states), heads)
         value_layer = attention.transpose_for_scores(attention.value_proj(hidden_states), heads)
         scale_factor = 1 + ("c2p" in attention.pos_att_type) + ("p2c" in attention.pos_att_type)
-        scale = torch.sqrt(torch.tensor(query_layer.size(-1), dtype=torch.float) * scale_factor).to(query_layer.dtype)
+        scale = scaled_size_sqrt(query_layer, scale_factor).to(query_layer.dtype)
         scores = torch.bmm(query_layer, key_layer.transpose(-1, -2) / scale)
         if attention.relative_attention:
             scores = scores + attention.disentangled_attention_bias(
